@@ -1,0 +1,1 @@
+"""qla_megatron.layers: the Megatron-core Gated DeltaNet layer and its ModuleSpecs."""

@@ -1,0 +1,14 @@
+"""The gated delta rule (Gated DeltaNet): chunked op, token-by-token reference, segment algebra."""
+
+from . import fla_peer  # noqa: F401  (registers the optional "fla" backend)
+from .chunk import chunk_gated_delta_rule
+from .naive import recurrent_gated_delta_rule
+from .segments import compose_segments, segment_summary, segmented_chunk_gated_delta_rule
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+    "segment_summary",
+    "compose_segments",
+    "segmented_chunk_gated_delta_rule",
+]
