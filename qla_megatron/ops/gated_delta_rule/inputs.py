@@ -66,7 +66,8 @@ def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=No
     if len(devices) != 1:
         raise ValueError(f"q, k, v, g, beta must be on one device, got {sorted(map(str, devices))}")
     if scale is not None and not (isinstance(scale, (int, float)) and 0 < float(scale) < float("inf")):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        shown = scale if isinstance(scale, (int, float)) else type(scale).__name__
+        raise ValueError(f"scale must be a positive finite number, got {shown!r}")
 
     N = B
     if cu_seqlens is not None:
