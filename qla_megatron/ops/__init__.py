@@ -6,6 +6,7 @@ from .gated_delta_rule import (
     recurrent_gated_delta_rule,
     segment_summary,
     segmented_chunk_gated_delta_rule,
+    which_backend,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "segment_summary",
     "compose_segments",
     "segmented_chunk_gated_delta_rule",
+    "which_backend",
 ]

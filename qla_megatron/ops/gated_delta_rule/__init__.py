@@ -1,7 +1,7 @@
 """The gated delta rule (Gated DeltaNet): chunked op, token-by-token reference, segment algebra."""
 
 from . import fla_peer  # noqa: F401  (registers the optional "fla" backend)
-from .chunk import chunk_gated_delta_rule
+from .chunk import chunk_gated_delta_rule, which_backend
 from .naive import recurrent_gated_delta_rule
 from .segments import compose_segments, segment_summary, segmented_chunk_gated_delta_rule
 
@@ -11,4 +11,5 @@ __all__ = [
     "segment_summary",
     "compose_segments",
     "segmented_chunk_gated_delta_rule",
+    "which_backend",
 ]

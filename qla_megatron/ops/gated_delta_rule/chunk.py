@@ -61,11 +61,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, one of {backends.known_backends()}, got {backend!r}")
     check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    info = backends.CallInfo(device=q.device, dtype=q.dtype, H=k.shape[2], HV=v.shape[2],
-                             K=k.shape[3], V=v.shape[3], varlen=cu_seqlens is not None)
-    chosen = backends.select(backend, info)
+    chosen = backends.select(backend, _call_info(q, k, v, cu_seqlens))
     return chosen.run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                       use_qk_l2norm_in_kernel)
+
+
+def which_backend(q, k, v, cu_seqlens=None, backend="auto") -> str:
+    """Name of the backend that `chunk_gated_delta_rule` would run for these inputs (ValueError if none)."""
+    return backends.select(backend, _call_info(q, k, v, cu_seqlens)).name
+
+
+def _call_info(q, k, v, cu_seqlens):
+    return backends.CallInfo(device=q.device, dtype=q.dtype, H=k.shape[2], HV=v.shape[2],
+                             K=k.shape[3], V=v.shape[3], varlen=cu_seqlens is not None)
 
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

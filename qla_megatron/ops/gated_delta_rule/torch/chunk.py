@@ -86,25 +86,33 @@ def chunk_scan(k, v, g, beta, bounds, *, q=None, scale=1.0, initial_state=None, 
         qkg = (qc @ kc.transpose(-1, -2)) * Gamma                        # [NC, H, G, C, C]
 
     # The state walk. Longest sequences first, so the ones still running at chunk j are a prefix.
+    # Chunks are gathered once into walk order and split per step: the backward of split is one
+    # concatenation, where per-step indexing would cost a full-size zero gradient at every step.
     order = sorted(range(N), key=lambda n: -nchunks[n])
+    sorted_nc = [nchunks[n] for n in order]
+    steps = sorted_nc[0] if N else 0
+    active_at = [sum(1 for nc in sorted_nc if nc > j) for j in range(steps + 1)]
+    walk = torch.tensor([chunk_off[n] + j for j in range(steps) for n in order[:active_at[j]]], device=dev)
+
+    def per_step(x):
+        return x[walk].split(active_at[:steps])
+
+    k_s, v_s, Ag_s, b_s = per_step(kc), per_step(vc), per_step(Ag), per_step(bcol)
+    gamma_s, to_end_s, gC_s = per_step(gamma), per_step(to_end), per_step(gamma_C)
+    if q is not None:
+        q_s, qkg_s = per_step(qc), per_step(qkg)
     S = (initial_state.to(dt) if initial_state is not None
          else k.new_zeros(N, HV, K, V))[torch.tensor(order, device=dev)].view(N, H, G, K, V)
-    sorted_nc = [nchunks[n] for n in order]
-    first_chunk = torch.tensor([chunk_off[n] for n in order], device=dev)
-    finished, o_parts, o_index = [], [], []
-    active = N
-    for j in range(sorted_nc[0] if N else 0):
-        idx = first_chunk[:active] + j
-        kj = kc[idx]
-        Vd = Ag[idx] @ (bcol[idx] * (vc[idx] - gamma[idx] * (kj @ S)))
+    finished, o_parts = [], []
+    for j in range(steps):
+        kj = k_s[j]
+        Vd = Ag_s[j] @ (b_s[j] * (v_s[j] - gamma_s[j] * (kj @ S)))
         if q is not None:
-            o_parts.append(gamma[idx] * (qc[idx] @ S) + qkg[idx] @ Vd)
-            o_index.append(idx)
-        S = gamma_C[idx] * S + kj.transpose(-1, -2) @ (to_end[idx] * Vd)
-        still = sum(1 for nc in sorted_nc[:active] if nc > j + 1)
-        if still < active:
-            finished.append(S[still:])
-            S, active = S[:still], still
+            o_parts.append(gamma_s[j] * (q_s[j] @ S) + qkg_s[j] @ Vd)
+        S = gC_s[j] * S + kj.transpose(-1, -2) @ (to_end_s[j] * Vd)
+        if active_at[j + 1] < active_at[j]:
+            S, done = S.split([active_at[j + 1], active_at[j] - active_at[j + 1]])
+            finished.append(done)
     final_sorted = torch.cat(finished[::-1]).view(N, HV, K, V)
     inverse = torch.empty(N, dtype=torch.long, device=dev)
     inverse[torch.tensor(order, device=dev)] = torch.arange(N, device=dev)
@@ -112,6 +120,6 @@ def chunk_scan(k, v, g, beta, bounds, *, q=None, scale=1.0, initial_state=None, 
 
     if q is None:
         return None, final
-    oc = torch.cat(o_parts)[torch.argsort(torch.cat(o_index))]            # [NC, H, G, C, V]
+    oc = torch.cat(o_parts)[torch.argsort(walk)]                          # [NC, H, G, C, V]
     o = oc.permute(0, 3, 1, 2, 4).reshape(NC * C, HV, V)[pos]
     return o, final
