@@ -1,0 +1,236 @@
+"""Gated DeltaNet as a Megatron-core module: a drop-in for megatron.core.ssm.gated_delta_net.GatedDeltaNet.
+
+Same constructor, forward contract, parameter names, shapes, tensor-parallel attributes and sharded
+checkpoint layout as megatron-core 0.19's layer, so state dicts and dist checkpoints move between the
+two. The sequence mixing runs through `qla_megatron.ops.chunk_gated_delta_rule` (any backend), with
+grouped value heads by indexing (q and k are never repeated) and packed sequences as cu_seqlens.
+
+Data flow on one TP rank (shapes: s tokens, b batch, per-rank head counts hk, hv):
+
+    hidden [s/sp, b, h] -in_proj-> [s, b, q|k|v|z|beta|alpha] -> causal conv + SiLU on q|k|v
+    -> chunk_gated_delta_rule(q, k, v, g, beta) [b, s, hv, V] -> RMSNorm(o) * SiLU(z) -out_proj->
+    ([s/sp, b, h], bias)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+
+from qla_megatron.ops import chunk_gated_delta_rule
+
+from .checkpoint import gdn_sharded_state_dict
+from .config import gdn_sizes
+from .conv import causal_depthwise_conv1d
+
+__all__ = ["GatedDeltaNet", "GatedDeltaNetSubmodules"]
+
+
+class GatedDeltaNet(MegatronModule):
+    """Gated DeltaNet layer (Qwen3-Next / Qwen3.5 linear attention), tensor and sequence parallel.
+
+    Args (Megatron's, in Megatron's order):
+        config: TransformerConfig; reads linear_num_key_heads, linear_num_value_heads,
+            linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim, layernorm_epsilon,
+            sequence_parallel, params_dtype, init_method, output_layer_init_method.
+        submodules: GatedDeltaNetSubmodules(in_proj, out_norm, out_proj) (see specs.py).
+        layer_number: this layer's 1-based number in the block.
+        bias: bias in in_proj and out_proj.
+        conv_bias: bias in the depthwise conv.
+        conv_init: if set, conv weights init uniform in [-conv_init, conv_init] (else torch's default).
+        use_qk_l2norm: L2-normalise q and k (eps 1e-6, inside the op).
+        A_init_range: A = exp(A_log) starts uniform in this range (0 <= low <= high).
+        pg_collection: ProcessGroupCollection with `tp` and `cp` (required).
+        name: module name, passed to the linear layers.
+        cp_comm_type: accepted for TransformerLayer compatibility, unused.
+        backend: backend of chunk_gated_delta_rule ("auto", "torch", "tilelang", "fla").
+
+    Context parallelism: the two methods `causal_conv` and `gated_delta_rule` are the only places
+    that see a sequence boundary; everything else is per token. The cross-GPU CP issue plugs in
+    there (conv halo of kernel-1 tokens from the previous segment, and state passing over
+    pg_collection.cp); until then cp_size > 1 raises ValueError.
+    """
+
+    def __init__(self, config, submodules: GatedDeltaNetSubmodules, layer_number: Optional[int] = None,
+                 bias: bool = False, conv_bias: bool = False, conv_init: Optional[float] = None,
+                 use_qk_l2norm: bool = True, A_init_range: tuple[float, float] = (1, 16),
+                 pg_collection=None, *, name: Optional[str] = None, cp_comm_type: Optional[str] = None,
+                 backend: str = "auto"):
+        super().__init__(config)
+        if pg_collection is None or not hasattr(pg_collection, "tp") or not hasattr(pg_collection, "cp"):
+            raise ValueError(f"pg_collection must be a ProcessGroupCollection with tp and cp groups, "
+                             f"got {pg_collection!r}")
+        low, high = A_init_range
+        if not 0 <= low <= high:
+            raise ValueError(f"A_init_range must satisfy 0 <= low <= high, got {tuple(A_init_range)}")
+        self.pg_collection = pg_collection
+        self.tp_size = pg_collection.tp.size()
+        self.cp_size = pg_collection.cp.size()
+        self.sizes = gdn_sizes(config, self.tp_size, self.cp_size)
+        self.layer_number = layer_number
+        self.bias, self.conv_bias, self.conv_init = bias, conv_bias, conv_init
+        self.use_qk_l2norm = use_qk_l2norm
+        self.A_init_range = (low, high)
+        self.backend = backend
+        s = self.sizes
+        # Megatron's attribute names, read by its checkpoint converters and tests.
+        self.in_proj_dim = s.in_proj_dim
+        self.in_proj_split_sections = s.in_proj_split_sections
+        self.in_proj_split_names = list(s.in_proj_split_names)
+        self.conv_dim_local_tp = s.conv_dim_local_tp
+        self.qk_dim_local_tp, self.v_dim_local_tp = s.qk_dim_local_tp, s.v_dim_local_tp
+
+        # Registration order as in Megatron (in_proj, conv1d, dt_bias, A_log, out_norm, out_proj), so
+        # state dicts list the same keys in the same order.
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, s.in_proj_dim, config=config,
+            init_method=config.init_method, gather_output=False, bias=bias, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="fc1", tp_group=pg_collection.tp,
+            name=f"{name}.in_proj" if name is not None else None)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.conv1d = nn.Conv1d(s.conv_dim_local_tp, s.conv_dim_local_tp, kernel_size=s.conv_kernel_dim,
+                                groups=s.conv_dim_local_tp, bias=conv_bias, padding=s.conv_kernel_dim - 1,
+                                device=device, dtype=config.params_dtype)
+        self.dt_bias = nn.Parameter(torch.empty(s.num_v_heads_local_tp, device=device,
+                                                dtype=config.params_dtype))
+        self.A_log = nn.Parameter(torch.empty(s.num_v_heads_local_tp, device=device,
+                                              dtype=config.params_dtype))
+        for p in (*self.conv1d.parameters(), self.dt_bias, self.A_log):
+            p.tensor_model_parallel = True  # per-head (or per-channel) slices on dim 0, like in_proj rows
+            p.partition_dim = 0
+        self.out_norm = build_module(submodules.out_norm, config=config, hidden_size=s.value_head_dim,
+                                     eps=config.layernorm_epsilon)
+        self._sum_out_norm_grads_over_tp()
+        self.out_proj = build_module(
+            submodules.out_proj, s.v_dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=bias, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2", tp_group=pg_collection.tp,
+            name=f"{name}.out_proj" if name is not None else None)
+        self.reset_parameters()
+
+    def _sum_out_norm_grads_over_tp(self):
+        """out_norm's weight is shared by all heads, and TP ranks hold different heads: its true
+        gradient is the sum over TP ranks. Megatron relies on finalize_model_grads, which sums only
+        weights marked `sequence_parallel` and only when config.sequence_parallel is on (so at TP > 1
+        without SP its out_norm replicas drift apart). Here every rank's .grad is the full sum, and
+        the mark is cleared so that finalize_model_grads does not add it a second time."""
+        for p in self.out_norm.parameters():
+            p.sequence_parallel = False
+            if self.tp_size > 1:
+                p.register_hook(self._all_reduce_over_tp)
+
+    def _all_reduce_over_tp(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=self.pg_collection.tp)
+        return grad
+
+    def reset_parameters(self):
+        """Megatron's init, in the model-parallel RNG stream: dt_bias = 1, A_log = log U(A_init_range),
+        conv weights U(+-conv_init) if conv_init is set."""
+        if not self.config.perform_initialization:
+            return
+        with get_cuda_rng_tracker().fork(), torch.no_grad():
+            if self.conv_init is not None:
+                nn.init.uniform_(self.conv1d.weight, -self.conv_init, self.conv_init)
+            self.dt_bias.fill_(1.0)
+            A = torch.empty_like(self.A_log).uniform_(*self.A_init_range)
+            self.A_log.copy_(torch.log(A))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                inference_context=None, packed_seq_params: Optional[PackedSeqParams] = None,
+                sequence_len_offset: Optional[int] = None, *, inference_params=None, **kwargs):
+        """hidden_states [s, b, h] (s/tp tokens per rank with sequence parallelism) -> (out, bias),
+        out [s, b, h] like hidden_states and bias the out_proj bias (None without bias).
+
+        attention_mask is unused (the layer is causal by construction). packed_seq_params with
+        qkv_format "thd" (b == 1) runs each packed sequence from a zero state.
+        """
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("GatedDeltaNet does not support inference (no recurrent-state cache) yet")
+        s = self.sizes
+        qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]; SP gathers the sequence
+        seq_len, batch, _ = qkvzba.shape
+        cu_seqlens = self._cu_seqlens(packed_seq_params, seq_len, batch, qkvzba.device)
+        qkvzba = qkvzba.transpose(0, 1)  # [b, s, ...]: the op's layout
+        hv = s.num_v_heads_local_tp
+        qkv, z, beta, alpha = torch.split(qkvzba, [s.conv_dim_local_tp, s.v_dim_local_tp, hv, hv], dim=-1)
+
+        qkv = F.silu(self.causal_conv(qkv, cu_seqlens))
+        q, k, v = torch.split(qkv, list(s.conv_split_sections), dim=-1)
+        q = q.reshape(batch, seq_len, s.num_k_heads_local_tp, s.key_head_dim)
+        k = k.reshape(batch, seq_len, s.num_k_heads_local_tp, s.key_head_dim)
+        v = v.reshape(batch, seq_len, hv, s.value_head_dim)
+        # Decay in float32 (float64 for float64 inputs): g = -exp(A_log) * softplus(alpha + dt_bias) <= 0.
+        gdt = torch.promote_types(alpha.dtype, torch.float32)
+        g = -self.A_log.to(gdt).exp() * F.softplus(alpha.to(gdt) + self.dt_bias.to(gdt))
+        o = self.gated_delta_rule(q, k, v, g, beta.sigmoid(), cu_seqlens)
+
+        out = self._gated_norm(o, z.reshape(batch, seq_len, hv, s.value_head_dim))
+        out = out.reshape(batch, seq_len, s.v_dim_local_tp).transpose(0, 1).contiguous()
+        return self.out_proj(out)  # row-parallel: all-reduce (or reduce-scatter with SP)
+
+    # --- sequence mixing: the CP seam -------------------------------------------------------------
+
+    def causal_conv(self, qkv: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Depthwise causal conv over [b, s, conv_dim_local_tp]; packed sequences kept apart.
+        CP seam: a CP rank needs the kernel-1 tokens before its shard (conv halo) here."""
+        return causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
+
+    def gated_delta_rule(self, q, k, v, g, beta, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """q, k [b, s, hk, K], v [b, s, hv, V], g, beta [b, s, hv] -> o [b, s, hv, V].
+        CP seam: a CP rank starts from the state its predecessors pass (qla_megatron.parallel)."""
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens,
+                                      use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
+        return o
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over each value head, times SiLU of the output gate z (in float32 at least)."""
+        normed = self.out_norm(o.reshape(-1, o.shape[-1]))
+        gate = z.reshape(-1, z.shape[-1]).to(torch.promote_types(z.dtype, torch.float32))
+        return (normed * F.silu(gate)).to(o.dtype)
+
+    def _cu_seqlens(self, packed_seq_params, seq_len: int, batch: int, device) -> Optional[torch.Tensor]:
+        """int64 cu_seqlens from packed_seq_params ("thd"), checked against the token count."""
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return None
+        if batch != 1:
+            raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got batch={batch}")
+        p = packed_seq_params
+        cu_q = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
+        cu_kv = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else p.cu_seqlens_kv
+        if cu_q is None:
+            raise ValueError("packed_seq_params.cu_seqlens_q is None with qkv_format='thd'")
+        if cu_kv is not None and not torch.equal(cu_q.cpu(), cu_kv.cpu()):
+            raise ValueError(f"packed_seq_params: cu_seqlens_q ({cu_q.tolist()}) must equal "
+                             f"cu_seqlens_kv ({cu_kv.tolist()}) for GatedDeltaNet")
+        total = int(cu_q[-1])
+        if total != seq_len:
+            raise ValueError(f"packed_seq_params.cu_seqlens_q[-1]={total} must equal the number of "
+                             f"tokens in the (gathered) sequence, {seq_len}")
+        return cu_q.to(device=device, dtype=torch.int64)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
+        """Dist-checkpoint layout of Megatron's layer: in_proj and conv split into their named
+        sections, each sharded over TP on dim 0, so a checkpoint loads at any TP size."""
+        metadata = dict(metadata or {})
+        if "dp_cp_group" not in metadata:
+            metadata["dp_cp_group"] = (self.pg_collection.dp_cp if hasattr(self.pg_collection, "dp_cp")
+                                       else parallel_state.get_data_parallel_group(with_context_parallel=True))
+        return gdn_sharded_state_dict(self, prefix, sharded_offsets, metadata,
+                                      tp_group if tp_group is not None else self.pg_collection.tp)
+
+    def backward_dw(self):
+        """Delayed weight-gradient computation of the two projections (Megatron's hook)."""
+        self.in_proj.backward_dw()
+        self.out_proj.backward_dw()
