@@ -1,6 +1,7 @@
 """The gated delta rule (Gated DeltaNet): chunked op, token-by-token reference, segment algebra."""
 
 from . import fla_peer  # noqa: F401  (registers the optional "fla" backend)
+from . import tilelang_backend  # noqa: F401  (registers the Hopper "tilelang" backend)
 from .chunk import chunk_gated_delta_rule, which_backend
 from .naive import recurrent_gated_delta_rule
 from .segments import compose_segments, segment_summary, segmented_chunk_gated_delta_rule

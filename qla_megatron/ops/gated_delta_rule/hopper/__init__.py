@@ -1,0 +1,8 @@
+"""Hopper (sm90) TileLang kernels of the gated delta rule; one file per kernel family.
+
+    prepare.py   in-chunk cumulative gate and the gate-free 64 x 64 inverse, per (chunk, v-head)
+    forward.py   fused chunked forward / segment summary, per (value block, v-head, segment)
+    chunk.py     the forward plan: prepare -> (summary -> compose ->) forward, and the launchers
+
+Importing this package imports TileLang but touches no GPU; kernels compile on first use.
+"""

@@ -1,0 +1,83 @@
+"""Intra-card context parallelism: how many segments to cut each sequence into (DESIGN §2).
+
+The forward kernel runs one program per (value block, v-head, segment) and walks its segment's chunks
+one after another, so a pass takes about
+
+    chunks per program x max(1, programs / concurrent programs)          (in chunk-steps)
+
+With segments, a summary pass (state widened to K + V columns, no output; its programs cost about
+`summary_cost` of a main program per chunk) runs first, then the main pass from composed starts. The
+planner compares the estimated time of every candidate segment length (whole sequence, and halvings
+down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
+
+Switch: QLA_MEGATRON_INTRA_CP=0 turns it off; QLA_MEGATRON_INTRA_CP_SEGMENT=<tokens> forces a segment
+length (a multiple of 64). Both can also be passed per call through `IntraCPConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class IntraCPConfig:
+    enabled: bool = True
+    segment_len: Optional[int] = None       # tokens; forces the segment length when set
+    min_segment_chunks: int = 8              # shorter segments cost more in summaries than they save
+    programs_per_sm: int = 1                 # concurrent forward programs per SM (shared memory bound)
+    summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
+
+    @staticmethod
+    def from_env() -> "IntraCPConfig":
+        on = os.environ.get("QLA_MEGATRON_INTRA_CP", "1") != "0"
+        seg = os.environ.get("QLA_MEGATRON_INTRA_CP_SEGMENT")
+        return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None)
+
+
+def _pass_time(chunks_per_seq: Sequence[int], seg_chunks: int, programs_per_segment: int,
+               slots: int, cost: float) -> float:
+    """Estimated time of one pass in chunk-steps: the longest program, or the total work over the
+    concurrent slots, whichever is larger."""
+    total = 0
+    longest = 0
+    for nc in chunks_per_seq:
+        full, rest = divmod(nc, seg_chunks)
+        total += (full * seg_chunks + rest) * programs_per_segment
+        longest = max(longest, min(nc, seg_chunks))
+    return cost * max(longest, total / slots)
+
+
+def plan_segment_len(seq_lens: Sequence[int], HV: int, K: int, V: int, num_sms: int, BV: int = 64,
+                     config: Optional[IntraCPConfig] = None) -> Optional[int]:
+    """Segment length in tokens (a multiple of 64), or None to run every sequence whole.
+
+    seq_lens: tokens of every sequence (batch rows or varlen pieces). num_sms: the card's SM count.
+    """
+    cfg = config if config is not None else IntraCPConfig.from_env()
+    if not cfg.enabled:
+        return None
+    if cfg.segment_len is not None:
+        if cfg.segment_len <= 0 or cfg.segment_len % CHUNK:
+            raise ValueError(f"intra-CP segment_len must be a positive multiple of {CHUNK}, "
+                             f"got {cfg.segment_len}")
+        return cfg.segment_len
+    chunks = [-(-L // CHUNK) for L in seq_lens]
+    longest = max(chunks)
+    slots = num_sms * cfg.programs_per_sm
+    main_progs, sum_progs = V // BV, (K + V) // BV
+    best, best_t = None, _pass_time(chunks, longest, HV * main_progs, slots, 1.0)
+    seg = longest // 2
+    while seg >= cfg.min_segment_chunks:
+        # Summaries are needed for every segment that has a successor.
+        sum_chunks = [(nc - 1) // seg * seg for nc in chunks]
+        t = (_pass_time([c for c in sum_chunks if c], seg, HV * sum_progs, slots, cfg.summary_cost)
+             if any(sum_chunks) else 0.0)
+        t += _pass_time(chunks, seg, HV * main_progs, slots, 1.0) + 2.0  # + compose, launches
+        if t < best_t * 0.95:
+            best, best_t = seg * CHUNK, t
+        seg //= 2
+    return best
