@@ -5,6 +5,7 @@ megatron-core assumes CUDA in a few places that the GDN layer, its specs and a s
 * `torch.cuda.current_device()` is passed as the `device=` of new tensors;
 * the model-parallel RNG tracker forks *CUDA* generator states (weight init, dropout);
 * the default causal mask of the local softmax is made with `device="cuda"`;
+* dist-checkpoint saving calls `torch.cuda.synchronize()` (nothing to wait for on CPU);
 * `megatron.core.jit.jit_fuser` is `torch.compile`, which on CPU builds C++ for every graph
   (tens of seconds per test), so dynamo is switched off.
 
@@ -79,6 +80,7 @@ def enable_megatron_on_cpu() -> None:
 
     torch._dynamo.config.disable = True
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
