@@ -1,0 +1,177 @@
+"""One GDN layer, forward and forward+backward: ours against megatron-core 0.19's own GatedDeltaNet.
+
+Both layers use megatron-core's local ColumnParallelLinear / RowParallelLinear and torch RMSNorm (no
+Transformer Engine), bf16, the same weights, one sequence of T tokens (batch 1), TP = 1. Megatron's
+layer runs its FLA kernels (causal_conv1d, l2norm, chunk_gated_delta_rule); ours runs
+qla_megatron.ops.chunk_gated_delta_rule with --op-backend. Timings: CUDA events, median of --iters
+after --warmup, in the same process on the same card.
+
+    source .gpu/env.sh && QLA_MEGATRON_CHECK_FINITE=0 python benchmarks/bench_layer.py \
+        --tokens 8192 32768 --hidden 2048 --op-backends fla auto --out benchmarks/results/layer_h100.md
+
+On CPU (`--device cpu`, tiny sizes) it only checks that the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, nargs=2, default=[16, 32], metavar=("HK", "HV"))
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--op-backends", nargs="+", default=["fla", "auto"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    return p.parse_args()
+
+
+def setup(device):
+    import torch.distributed as dist
+
+    if device == "cpu":
+        from qla_megatron.layers.cpu_compat import enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()
+        # Megatron's layer refuses to build without FLA; on CPU it runs its deterministic torch path,
+        # which still calls FLA's l2norm: give it torch's (same formula).
+        import megatron.core.ssm.gated_delta_net.common as mcommon
+
+        mcommon.HAVE_FLA = True
+        mcommon.l2norm = lambda x, dim=-1, eps=1e-6: x * torch.rsqrt(x.square().sum(dim, keepdim=True) + eps)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    parallel_state.initialize_model_parallel(1)
+    if device == "cuda":
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+    else:
+        from qla_megatron.layers.cpu_compat import seed_model_parallel_rng
+
+        seed_model_parallel_rng(1234, 0)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def build(args, pg, op_backend=None):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from qla_megatron.layers import GatedDeltaNet, GatedDeltaNetSubmodules, LocalHeadNorm
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = TransformerConfig(
+        num_layers=1, hidden_size=args.hidden, num_attention_heads=16, linear_num_key_heads=args.heads[0],
+        linear_num_value_heads=args.heads[1], linear_key_head_dim=args.head_dim,
+        linear_value_head_dim=args.head_dim, linear_conv_kernel_dim=4, normalization="RMSNorm",
+        activation_func=F.silu, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=args.device == "cpu", deterministic_mode=args.device == "cpu")
+    sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=LocalHeadNorm, out_proj=RowParallelLinear)
+    if op_backend is None:
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet as MegatronGDN
+
+        layer = MegatronGDN(config, sub, layer_number=1, pg_collection=pg)
+    else:
+        layer = GatedDeltaNet(config, sub, layer_number=1, pg_collection=pg, backend=op_backend)
+    return layer.to(args.device, dtype)
+
+
+def timed(fn, args):
+    """Median milliseconds of fn() over args.iters after args.warmup calls."""
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.iters):
+        if args.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def measure(layer, x, args):
+    def fwd():
+        with torch.no_grad():
+            layer(x, None)
+
+    def fwd_bwd():
+        out, _ = layer(x, None)
+        out.backward(torch.ones_like(out))
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms_f, ms_fb = timed(fwd, args), timed(fwd_bwd, args)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    return ms_f, ms_fb, peak
+
+
+def main():
+    args = parse()
+    pg = setup(args.device)
+    torch.manual_seed(0)
+    reference = build(args, pg)
+    state = reference.state_dict()
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, 1, args.hidden, device=args.device, dtype=next(reference.parameters()).dtype)
+        with torch.no_grad():
+            want = reference(x, None)[0].float()
+        rows.append(("megatron-core 0.19 GatedDeltaNet (FLA)", T, *measure(reference, x, args), "-"))
+        print(rows[-1], flush=True)
+        for op_backend in args.op_backends:
+            try:
+                ours = build(args, pg, op_backend)
+                ours.load_state_dict(state, strict=True)
+                with torch.no_grad():
+                    got = ours(x, None)[0].float()
+                err = float((got - want).norm() / want.norm())
+                rows.append((f"qla_megatron GatedDeltaNet (op backend {op_backend})", T, *measure(ours, x, args),
+                             f"{err:.1e}"))
+            except Exception as e:  # a backend that cannot run this call is reported, not fatal
+                rows.append((f"qla_megatron GatedDeltaNet (op backend {op_backend})", T, float("nan"),
+                             float("nan"), float("nan"), f"failed: {type(e).__name__}: {str(e)[:80]}"))
+            print(rows[-1], flush=True)
+            del ours
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    dtype = str(next(reference.parameters()).dtype).replace("torch.", "")
+    lines = [f"Card: {card}; torch {torch.__version__}; {dtype}; hidden {args.hidden}; heads qk/v "
+             f"{args.heads[0]}/{args.heads[1]}; K = V = {args.head_dim}; batch 1; TP 1; median of {args.iters}.",
+             f"Command: `{' '.join(['python'] + sys.argv)}` "
+             f"(QLA_MEGATRON_CHECK_FINITE={os.environ.get('QLA_MEGATRON_CHECK_FINITE', '1')})", "",
+             "| layer | tokens | fwd ms | fwd+bwd ms | peak GiB | out rel. diff vs Megatron |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {T} | {f:.2f} | {fb:.2f} | {p:.1f} | {e} |" for n, T, f, fb, p, e in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
