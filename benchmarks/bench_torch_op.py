@@ -61,6 +61,7 @@ def main():
         print(json.dumps(one_length(a.child, a.qk_heads, a.v_heads, a.head_dim, a.repeats)))
         return
     rows = []
+    load_before = os.getloadavg()[0]
     for T in a.lengths:
         cmd = [sys.executable, __file__, "--child", str(T), "--qk-heads", str(a.qk_heads),
                "--v-heads", str(a.v_heads), "--head-dim", str(a.head_dim), "--repeats", str(a.repeats)]
@@ -77,7 +78,9 @@ def main():
         f"Python {platform.python_version()}.",
         f"Shape: B = 1, H = {a.qk_heads} qk / HV = {a.v_heads} v heads, K = V = {a.head_dim}, float32, "
         f"use_qk_l2norm_in_kernel=True; median of {a.repeats}. Peak = growth of the process's max RSS.",
-        f"Command: `python benchmarks/bench_torch_op.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join(["python benchmarks/bench_torch_op.py"] + sys.argv[1:]) + "`",
+        f"1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        f"(above {os.cpu_count()} means other work shared the cores and the times are pessimistic).",
         "",
         "| T | forward ms | fwd+bwd ms | tokens/s fwd | tokens/s fwd+bwd | peak MiB (fwd+bwd) |",
         "|---:|---:|---:|---:|---:|---:|",

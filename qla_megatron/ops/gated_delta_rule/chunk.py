@@ -6,10 +6,9 @@ Backends: "torch" (any device and float dtype; torch/chunk.py, the readable spec
 
 from __future__ import annotations
 
-import torch
 
 from . import backends
-from .inputs import check_inputs, compute_dtype, l2norm, sequence_bounds
+from .inputs import check_inputs, default_scale, packed_stream, sequence_bounds
 from .torch import chunk_scan
 
 
@@ -78,18 +77,13 @@ def _call_info(q, k, v, cu_seqlens):
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                  use_qk_l2norm_in_kernel):
-    """The torch backend on validated inputs (torch autograd provides the backward)."""
-    B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
-    out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
-    q, k, v, g, beta = (t.to(cdt) for t in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    o, final = chunk_scan(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV),
-                          beta.reshape(B * T, HV), sequence_bounds(B, T, cu_seqlens),
-                          q=q.reshape(B * T, H, K), scale=K ** -0.5 if scale is None else float(scale),
-                          initial_state=initial_state)
-    return o.view(B, T, HV, V).to(out_dtype), (final if output_final_state else None)
+    """The torch backend on validated inputs (hand-written backward: torch/chunk.py)."""
+    B, T, K = k.shape[0], k.shape[1], k.shape[3]
+    out_dtype = q.dtype
+    qf, kf, vf, gf, bf = packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel)
+    o, final = chunk_scan(kf, vf, gf, bf, sequence_bounds(B, T, cu_seqlens), q=qf,
+                          scale=default_scale(scale, K), initial_state=initial_state)
+    return o.view(v.shape).to(out_dtype), (final if output_final_state else None)
 
 
 backends.register(backends.Backend(name="torch", unsupported=lambda info: None,

@@ -27,6 +27,22 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
+def packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel=False):
+    """Cast to the compute dtype, L2-normalise q and k if asked, and flatten the batch into one
+    packed stream: q, k [B*T, H, K], v [B*T, HV, V], g, beta [B*T, HV]. q may be None."""
+    cdt = compute_dtype(k.dtype)
+    k, v, g, beta = (t.to(cdt).flatten(0, 1) for t in (k, v, g, beta))
+    q = q.to(cdt).flatten(0, 1) if q is not None else None
+    if use_qk_l2norm_in_kernel:
+        k = l2norm(k)
+        q = l2norm(q) if q is not None else None
+    return q, k, v, g, beta
+
+
+def default_scale(scale, K: int) -> float:
+    return K ** -0.5 if scale is None else float(scale)
+
+
 def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, *,
                  need_q: bool = True) -> int:
     """Validate the arguments of the gated delta rule; return N, the number of sequences.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import check_inputs, compute_dtype, l2norm, sequence_bounds
+from .inputs import check_inputs, compute_dtype, default_scale, packed_stream, sequence_bounds
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
@@ -36,15 +36,11 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     HV, V = v.shape[2], v.shape[3]
     G = HV // H
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
-    scale = K ** -0.5 if scale is None else float(scale)
-    q, k, v, g, beta = (t.to(cdt) for t in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
+    scale = default_scale(scale, K)
+    qf, kf, vf, gf, bf = packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel)
     # v-head h uses qk-head h // G: index, never materialise the repeat in the caller's tensors.
     head_of = torch.arange(HV, device=k.device) // G
-    qf = q.reshape(B * T, H, K)[:, head_of]
-    kf = k.reshape(B * T, H, K)[:, head_of]
-    vf, gf, bf = v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV)
+    qf, kf = qf[:, head_of], kf[:, head_of]
 
     bounds = sequence_bounds(B, T, cu_seqlens)
     outs, finals = [], []

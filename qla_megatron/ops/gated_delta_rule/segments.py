@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import check_inputs, compute_dtype, l2norm, sequence_bounds
+from .inputs import check_inputs, compute_dtype, default_scale, packed_stream, sequence_bounds
 from .torch import CHUNK_SIZE, chunk_scan
 
 
@@ -34,15 +34,8 @@ def segment_summary(k, v, g, beta, cu_seqlens=None, *, use_qk_l2norm_in_kernel=F
     Float32 results (float64 for float64 inputs); differentiable.
     """
     check_inputs(None, k, v, g, beta, cu_seqlens=cu_seqlens, need_q=False)
-    B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
-    cdt = compute_dtype(k.dtype)
-    k, v, g, beta = (t.to(cdt) for t in (k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        k = l2norm(k)
-    bounds = sequence_bounds(B, T, cu_seqlens)
-    return summarize(k.reshape(B * T, H, K), v.reshape(B * T, HV, V), g.reshape(B * T, HV),
-                     beta.reshape(B * T, HV), bounds)
+    _, kf, vf, gf, bf = packed_stream(None, k, v, g, beta, use_qk_l2norm_in_kernel)
+    return summarize(kf, vf, gf, bf, sequence_bounds(k.shape[0], k.shape[1], cu_seqlens))
 
 
 def summarize(k, v, g, beta, bounds):
@@ -150,12 +143,8 @@ def segmented_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     N = check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
-    out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
-    q, k, v, g, beta = (t.to(cdt) for t in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    q, k = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
-    v, g, beta = v.reshape(B * T, HV, V), g.reshape(B * T, HV), beta.reshape(B * T, HV)
+    out_shape, out_dtype, cdt = v.shape, q.dtype, compute_dtype(q.dtype)
+    q, k, v, g, beta = packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel)
     plan = plan_segments(sequence_bounds(B, T, cu_seqlens), segment_len)
 
     # 1. every segment's (S_ext, M), in parallel; 2. compose per sequence.
@@ -181,9 +170,8 @@ def segmented_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
             starts.append(S)
             S = trans[j] @ S + ext[j]
     # 3. every segment from its start state, in parallel.
-    o, seg_final = chunk_scan(k, v, g, beta, list(plan.bounds), q=q,
-                              scale=K ** -0.5 if scale is None else float(scale),
+    o, seg_final = chunk_scan(k, v, g, beta, list(plan.bounds), q=q, scale=default_scale(scale, K),
                               initial_state=torch.stack(starts))
     last = [max(j for j in range(len(plan.seq)) if plan.seq[j] == n) for n in range(N)]
     final = seg_final[torch.tensor(last, device=k.device)]
-    return o.view(B, T, HV, V).to(out_dtype), (final if output_final_state else None)
+    return o.view(out_shape).to(out_dtype), (final if output_final_state else None)
