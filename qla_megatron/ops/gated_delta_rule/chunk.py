@@ -6,7 +6,6 @@ Backends: "torch" (any device and float dtype; torch/chunk.py, the readable spec
 
 from __future__ import annotations
 
-
 from . import backends
 from .inputs import check_inputs, default_scale, packed_stream, sequence_bounds
 from .torch import chunk_scan
