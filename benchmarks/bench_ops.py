@@ -146,8 +146,8 @@ def main():
             print(f"{cfg:>6} {shape:>9}  ours {fmt('ours')}  fla {fmt('fla')}  flashqla {fmt('flashqla')}  "
                   f"floor {fl:.3f}  errs {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}", flush=True)
             del q, k, v, g, beta
-    if args.out:
-        write(args.out, rows, card, versions, bw, rate)
+            if args.out:   # after every row, so a cut-off run still leaves its table
+                write(args.out, rows, card, versions, bw, rate)
 
 
 def write(prefix, rows, card, versions, bw, rate):

@@ -120,8 +120,9 @@ def forward(q, k, v, Gc, Bc, A, segs, scale, *, h0=None, n_final=0, summary=Fals
                           store_final=n_final > 0, save_states=states is not None, BV=BV)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
+    # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
-        torch.empty(1, HV, V, dtype=q.dtype, device=dev)
+        torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
     kern(q, k, v, Gc, Bc, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
@@ -172,16 +173,17 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16):
     batch are symbolic, so this set serves every length."""
     d = _DTYPES[dtype]
     main = dict(summary=False, BV=BV)
-    return [(prepare_kernel, (H, HV, K, d), {}),
-            (forward_kernel, (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
-            (forward_kernel, (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
-            (forward_kernel, (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
-            (forward_kernel, (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-            (forward_kernel, (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV))]
+    return [("prepare", (H, HV, K, d), {}),
+            ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
+            ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
+            ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
+            ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
+            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV))]
 
 
 def _compile_one(item):
-    factory, args, kwargs = item
+    name, args, kwargs = item
+    factory = {"prepare": prepare_kernel, "forward": forward_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t

@@ -2,7 +2,8 @@
 
 For every (chunk, v-head), in parallel over all chunks:
 
-    G    = cumsum(g) over the chunk's valid tokens (pad tokens get g = 0, so G stays flat there)
+    G    = log2(e) * cumsum(g) over the chunk's valid tokens (pad tokens get g = 0, so G stays flat
+           there); log2 units so the forward kernel's decay factors are single exp2 instructions
     beta = beta of the valid tokens, 0 on pad tokens
     A    = (I + StrictLower(diag(beta) K K^T))^-1           no gate: depends on k and beta only
 
@@ -24,6 +25,7 @@ import tilelang
 import tilelang.language as T
 
 CHUNK = 64
+LOG2E = 1.4426950408889634
 
 
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
@@ -71,7 +73,7 @@ def prepare_kernel(
                 L_s[i, j] = T.if_then_else(i > j, b_s[i] * kkt[i, j], 0.0)
             T.cumsum(src=g_s, dst=g_s, dim=0)
             for i in T.Parallel(C):
-                Gc[ic, hv, i] = g_s[i]
+                Gc[ic, hv, i] = g_s[i] * LOG2E
                 Bc[ic, hv, i] = b_s[i]
 
             tx = T.get_thread_binding()
