@@ -104,7 +104,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     bw, rate = ceilings()
-    fns, versions = runners(args.peers.split(","))
+    fns, versions = runners(args.peers.split(",") if args.peers != "none" else [])
     fq_ok = set(args.flashqla_configs.split(",")) if args.flashqla_configs else set()
     card = torch.cuda.get_device_name()
     print(f"card {card}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; {versions}", flush=True)

@@ -11,6 +11,7 @@ Without intra-card CP (one segment per sequence) only prepare and forward run.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +25,9 @@ from .prepare import prepare_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BV = 64
+# Kernel config: issue independent wgmma together (True) or one synchronous T.gemm at a time (False);
+# QLA_MEGATRON_HOPPER_SYNC_MMA=1 selects the latter (kept for A/B timing).
+ASYNC_MMA = os.environ.get("QLA_MEGATRON_HOPPER_SYNC_MMA", "0") != "1"
 # Tests set this to fill every output with NaN before the kernels run (unwritten elements then show).
 POISON_OUTPUTS = False
 
@@ -117,7 +121,8 @@ def forward(q, k, v, Gc, Bc, A, segs, scale, *, h0=None, n_final=0, summary=Fals
     Wd = K + V if summary else V
     dev = k.device
     kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                          store_final=n_final > 0, save_states=states is not None, BV=BV)
+                          store_final=n_final > 0, save_states=states is not None, BV=BV,
+                          async_mma=ASYNC_MMA)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
     # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
@@ -172,13 +177,13 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16):
     """The kernels one (H, HV, K, V, dtype) can need: [(factory, args, kwargs)]. Sequence length and
     batch are symbolic, so this set serves every length."""
     d = _DTYPES[dtype]
-    main = dict(summary=False, BV=BV)
+    main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA)
     return [("prepare", (H, HV, K, d), {}),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV))]
+            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, async_mma=ASYNC_MMA))]
 
 
 def _compile_one(item):

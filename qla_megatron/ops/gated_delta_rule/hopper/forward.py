@@ -40,7 +40,7 @@ def forward_kernel(
     summary: bool = False, has_initial: bool = False, store_final: bool = True,
     save_states: bool = False,
     # kernel config
-    BV: int = 64, threads: int = 256, num_stages: int = 2,
+    BV: int = 64, threads: int = 256, num_stages: int = 2, async_mma: bool = True,
 ):
     """Grid (W / BV, HV, NS), W = V (or K + V in summary mode).
 
@@ -98,6 +98,7 @@ def forward_kernel(
             Vd_s = T.alloc_shared((C, BV), dtype)
             Vk_s = T.alloc_shared((C, BV), dtype)
             O_s = T.alloc_shared((C, BV), dtype)
+            Qg_s = T.alloc_shared((C, K), dtype) if (async_mma and not summary) else None
 
             S = T.alloc_fragment((K, BV), acc)
             W_f = T.alloc_fragment((C, K), acc)
@@ -141,11 +142,23 @@ def forward_kernel(
                     Ag_s[i, j] = T.if_then_else(
                         i >= j, A_s[i, j] * T.exp2(G_s[i] - G_s[j]) * B_s[j], 0.0)
                     Wa_s[i, j] = T.if_then_else(i >= j, A_s[i, j] * eg_s[i] * B_s[j], 0.0)
-                T.gemm(Wa_s, K_s, W_f, clear_accum=True)
+                if async_mma:
+                    # Independent products are issued together and waited for once.
+                    if not summary:
+                        for i, d in T.Parallel(C, K):
+                            Qg_s[i, d] = Q_s[i, d] * (sc * eg_s[i])
+                    T.wgmma_gemm(Wa_s, K_s, W_f, clear_accum=True)
+                    T.wgmma_gemm(Ag_s, V_s, U_f, clear_accum=True)
+                    if not summary:
+                        T.wgmma_gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
+                    T.wait_wgmma(0)
+                else:
+                    T.gemm(Wa_s, K_s, W_f, clear_accum=True)
+                    T.gemm(Ag_s, V_s, U_f, clear_accum=True)
+                    if not summary:
+                        T.gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
                 T.copy(W_f, W_s)
-                T.gemm(Ag_s, V_s, U_f, clear_accum=True)
                 if not summary:
-                    T.gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
                     for i, j in T.Parallel(C, C):
                         P_s[i, j] = T.if_then_else(i >= j, sc * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
 
@@ -153,7 +166,13 @@ def forward_kernel(
                 T.copy(S, S_s)
                 if save_states:
                     T.copy(S_s, states[cid, hv, :, vcol0:vcol0 + BV])
-                T.gemm(W_s, S_s, WS_f, clear_accum=True)
+                if async_mma:
+                    T.wgmma_gemm(W_s, S_s, WS_f, clear_accum=True)
+                    if not summary:
+                        T.wgmma_gemm(Qg_s, S_s, O_f, clear_accum=True)
+                    T.wait_wgmma(0)
+                else:
+                    T.gemm(W_s, S_s, WS_f, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
                     U_f[i, j] = U_f[i, j] - WS_f[i, j]
                 T.copy(U_f, Vd_s)
@@ -162,13 +181,20 @@ def forward_kernel(
                 T.copy(U_f, Vk_s)
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = S[i, j] * eg_s[C - 1]
-                T.gemm(K_s, Vk_s, S, transpose_A=True)
+                if async_mma:
+                    T.wgmma_gemm(K_s, Vk_s, S, transpose_A=True)
+                    if not summary:
+                        T.wgmma_gemm(P_s, Vd_s, O_f)
+                    T.wait_wgmma(0)
+                else:
+                    T.gemm(K_s, Vk_s, S, transpose_A=True)
 
                 if not summary:
-                    T.gemm(Q_s, S_s, O_f, clear_accum=True)
-                    for i, j in T.Parallel(C, BV):
-                        O_f[i, j] = O_f[i, j] * (sc * eg_s[i])
-                    T.gemm(P_s, Vd_s, O_f)
+                    if not async_mma:
+                        T.gemm(Q_s, S_s, O_f, clear_accum=True)
+                        for i, j in T.Parallel(C, BV):
+                            O_f[i, j] = O_f[i, j] * (sc * eg_s[i])
+                        T.gemm(P_s, Vd_s, O_f)
                     T.copy(O_f, O_s)
                     for i, j in T.Parallel(C, BV):
                         if t0 + i < t_end:
