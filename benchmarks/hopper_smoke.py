@@ -17,6 +17,8 @@ from qla_megatron.ops.gated_delta_rule.hopper.chunk import _compile_one, forward
 def main():
     if "--precompile-only" in sys.argv:
         return precompile_tests()
+    if "--breakdown" in sys.argv:
+        return breakdown()
     if "--warm" in sys.argv:   # a fresh process, kernels already in TileLang's disk cache
         t = time.time()
         for it in forward_set(16, 32, 128, 128):
@@ -42,6 +44,42 @@ def precompile_tests():
     todo += forward_set(2, 4, 128, 128, torch.float16)
     todo += [it for h, hv in [(4, 32)] for it in forward_set(h, hv, 128, 128)]
     print(f"parallel precompile of {len(todo)} kernels: {precompile(todo, workers=14):.1f} s", flush=True)
+
+
+def breakdown():
+    """Per-stage times (median, do_bench) of the Hopper forward at 1 x 32768 tokens."""
+    import triton
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc
+    from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
+    bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")
+    for HV, H in ((32, 16), (8, 2)):
+        T, K = 32768, 128
+        dev = "cuda"
+        q = torch.nn.functional.normalize(torch.randn(T, H, K, device=dev), dim=-1).bfloat16()
+        k = torch.nn.functional.normalize(torch.randn(T, H, K, device=dev), dim=-1).bfloat16()
+        v = torch.randn(T, HV, K, device=dev).bfloat16()
+        g = -torch.rand(T, HV, device=dev)
+        b = torch.rand(T, HV, device=dev)
+        bounds = (0, T)
+        seg = hc.plan_segment_len([T], HV, K, K, hc._num_sms(0), BV=hc.BV)
+        whole = hc._make_plan(bounds, None, torch.device(dev))
+        Gc, Bc, A = hc.prepare(k, g, b, whole.chunks, HV)
+        out = {"prepare": bench(lambda: hc.prepare(k, g, b, whole.chunks, HV)),
+               "forward, no intra-CP": bench(lambda: hc.forward(q, k, v, Gc, Bc, A, whole.segs, 0.1, n_final=1))}
+        if seg:
+            p = hc._make_plan(bounds, seg, torch.device(dev))
+            out["summary"] = bench(lambda: hc.forward(q, k, v, Gc, Bc, A, p.sum_segs, 0.1,
+                                                      n_final=p.sum_segs.shape[0], summary=True))
+            h0 = torch.zeros(p.NS, HV, K, K, device=dev)
+            out[f"forward, {p.NS} segments"] = bench(lambda: hc.forward(q, k, v, Gc, Bc, A, p.segs, 0.1, h0=h0,
+                                                                         n_final=1))
+            out["whole op (intra-CP)"] = bench(lambda: hc.chunk_gated_delta_rule_fwd(
+                q[None], k[None], v[None], g[None], b[None], None, None, True, None, False))
+        out["whole op (no intra-CP)"] = bench(lambda: hc.chunk_gated_delta_rule_fwd(
+            q[None], k[None], v[None], g[None], b[None], None, None, True, None, False,
+            intra_cp=IntraCPConfig(enabled=False)))
+        print(f"breakdown {HV}/{H} 1x{T} (seg {seg}): " + ", ".join(f"{n} {t:.3f} ms" for n, t in out.items()),
+              flush=True)
 
 
 if __name__ == "__main__":
