@@ -7,7 +7,7 @@ qla_megatron.ops.chunk_gated_delta_rule with --op-backend. Timings: CUDA events,
 after --warmup, in the same process on the same card.
 
     source .gpu/env.sh && QLA_MEGATRON_CHECK_FINITE=0 python benchmarks/bench_layer.py \
-        --tokens 8192 32768 --hidden 2048 --op-backends fla auto --out benchmarks/results/layer_h100.md
+        --tokens 8192 32768 --hidden 2048 --op-backends fla --out benchmarks/results/layer_h100.md
 
 On CPU (`--device cpu`, tiny sizes) it only checks that the script runs.
 """
@@ -130,6 +130,23 @@ def measure(layer, x, args):
     return ms_f, ms_fb, peak
 
 
+def write_table(args, reference, rows):
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    dtype = str(next(reference.parameters()).dtype).replace("torch.", "")
+    lines = [f"Card: {card}; torch {torch.__version__}; {dtype}; hidden {args.hidden}; heads qk/v "
+             f"{args.heads[0]}/{args.heads[1]}; K = V = {args.head_dim}; batch 1; TP 1; median of {args.iters}.",
+             f"Command: `{' '.join(['python'] + sys.argv)}` "
+             f"(QLA_MEGATRON_CHECK_FINITE={os.environ.get('QLA_MEGATRON_CHECK_FINITE', '1')})", "",
+             "| layer | tokens | fwd ms | fwd+bwd ms | peak GiB | out rel. diff vs Megatron |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {T} | {f:.2f} | {fb:.2f} | {p:.1f} | {e} |" for n, T, f, fb, p, e in rows]
+    table = "\n".join(lines)
+    print(table, flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table + "\n")
+
+
 def main():
     args = parse()
     pg = setup(args.device)
@@ -157,20 +174,7 @@ def main():
                              float("nan"), float("nan"), f"failed: {type(e).__name__}: {str(e)[:80]}"))
             print(rows[-1], flush=True)
             del ours
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    dtype = str(next(reference.parameters()).dtype).replace("torch.", "")
-    lines = [f"Card: {card}; torch {torch.__version__}; {dtype}; hidden {args.hidden}; heads qk/v "
-             f"{args.heads[0]}/{args.heads[1]}; K = V = {args.head_dim}; batch 1; TP 1; median of {args.iters}.",
-             f"Command: `{' '.join(['python'] + sys.argv)}` "
-             f"(QLA_MEGATRON_CHECK_FINITE={os.environ.get('QLA_MEGATRON_CHECK_FINITE', '1')})", "",
-             "| layer | tokens | fwd ms | fwd+bwd ms | peak GiB | out rel. diff vs Megatron |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {T} | {f:.2f} | {fb:.2f} | {p:.1f} | {e} |" for n, T, f, fb, p, e in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table + "\n")
+        write_table(args, reference, rows)  # after every length: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":
