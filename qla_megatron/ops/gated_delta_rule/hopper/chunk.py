@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..inputs import l2norm, sequence_bounds
+from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
 from .forward import CHUNK, forward_kernel
 from .prepare import prepare_kernel
@@ -102,34 +102,38 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def prepare(k, g, beta, chunks, HV):
-    """Launch prepare_kernel. k [Tt, H, K] (dtype), g, beta [Tt, HV] fp32, chunks [NC, 2] int32."""
+def prepare(k, g, beta, chunks, HV, l2norm=False):
+    """Launch prepare_kernel. k [Tt, H, K] (dtype), g, beta [Tt, HV] fp32, chunks [NC, 2] int32.
+    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype])
+    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm)
     Gc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
     Bc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
+    Rk = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device) if l2norm else \
+        torch.empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
     A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
-    kern(k, g, beta, chunks, Gc, Bc, A)
-    return Gc, Bc, A
+    kern(k, g, beta, chunks, Gc, Bc, Rk, A)
+    return Gc, Bc, Rk, A
 
 
-def forward(q, k, v, Gc, Bc, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None):
+def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
+            l2norm=False):
     """Launch forward_kernel over the segments in `segs`. Returns ht [n_final, HV, K, W] or None."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     Wd = K + V if summary else V
     dev = k.device
     kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                          store_final=n_final > 0, save_states=states is not None, BV=BV,
-                          async_mma=ASYNC_MMA)
+                          store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
+                          BV=BV, async_mma=ASYNC_MMA)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
     # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
         torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    kern(q, k, v, Gc, Bc, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
+    kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
 
 
@@ -147,20 +151,18 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         seg_len = None
     plan = _make_plan(bounds, seg_len, dev)
 
-    qf, kf = q.reshape(B * T, H, K), k.reshape(B * T, H, K)
-    if use_qk_l2norm_in_kernel:
-        qf, kf = l2norm(qf.float()).to(q.dtype), l2norm(kf.float()).to(k.dtype)
-    qf, kf = qf.contiguous(), kf.contiguous()
+    qf, kf = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
+    l2 = bool(use_qk_l2norm_in_kernel)   # fused: the kernels scale by 1 / ||q||, 1 / ||k||
     vf = v.reshape(B * T, HV, V).contiguous()
     gf = g.reshape(B * T, HV).float().contiguous()
     bf = beta.reshape(B * T, HV).float().contiguous()
     scale = K ** -0.5 if scale is None else float(scale)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
 
-    Gc, Bc, A = prepare(kf, gf, bf, plan.chunks, HV)
+    Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
     if plan.sum_segs is not None:
-        _, summ = forward(qf, kf, vf, Gc, Bc, A, plan.sum_segs, scale, n_final=plan.sum_segs.shape[0],
-                          summary=True)
+        _, summ = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.sum_segs, scale, n_final=plan.sum_segs.shape[0],
+                          summary=True, l2norm=l2)
         M, ext = summ[..., :K], summ[..., K:]
         starts = torch.zeros(plan.NS, HV, K, V, dtype=torch.float32, device=dev)
         if h0 is not None:
@@ -168,22 +170,23 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         for sum_rows, cur, nxt in plan.compose_steps:
             starts[nxt] = torch.matmul(M[sum_rows], starts[cur]) + ext[sum_rows]
         h0 = starts
-    o, ht = forward(qf, kf, vf, Gc, Bc, A, plan.segs, scale, h0=h0,
-                    n_final=N if output_final_state else 0)
+    o, ht = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.segs, scale, h0=h0,
+                    n_final=N if output_final_state else 0, l2norm=l2)
     return o.view(B, T, HV, V), ht
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16):
-    """The kernels one (H, HV, K, V, dtype) can need: [(factory, args, kwargs)]. Sequence length and
-    batch are symbolic, so this set serves every length."""
+def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True):
+    """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
+    length and batch are symbolic, so this set serves every length."""
     d = _DTYPES[dtype]
-    main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA)
-    return [("prepare", (H, HV, K, d), {}),
+    main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
+    return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, async_mma=ASYNC_MMA))]
+            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, async_mma=ASYNC_MMA,
+                                               l2norm=l2norm))]
 
 
 def _compile_one(item):

@@ -23,6 +23,9 @@ Summary mode (intra-card context parallelism, DESIGN §2): the state is [M | S_e
 from [I | 0], with zero values in the first K columns; no o. The programs whose columns fall in M
 load no v (U = 0) and start from the matching columns of I.
 
+l2norm (use_qk_l2norm_in_kernel): q and k are read as they are; 1 / ||k|| (from prepare) and 1 / ||q||
+(computed here from the loaded tile) scale the rows and columns of the factors above instead.
+
 Pad tokens of a sequence's last chunk have beta = 0 (prepare.py), so their rows of Ag, Wa, U, W and Vd
 are exactly 0 and they move nothing; their o rows are not written.
 """
@@ -38,7 +41,7 @@ def forward_kernel(
     # task config
     H: int, HV: int, K: int, V: int, dtype: str,
     summary: bool = False, has_initial: bool = False, store_final: bool = True,
-    save_states: bool = False,
+    save_states: bool = False, l2norm: bool = False,
     # kernel config
     BV: int = 64, threads: int = 256, num_stages: int = 2, async_mma: bool = True,
 ):
@@ -63,6 +66,7 @@ def forward_kernel(
         v: T.Tensor((Tt, HV, V), dtype),
         Gc: T.Tensor((NC, HV, C), acc),
         Bc: T.Tensor((NC, HV, C), acc),
+        Rk: T.Tensor((NC, HV, C), acc),
         A: T.Tensor((NC, HV, C, C), dtype),
         segs: T.Tensor((NS, 5), "int32"),
         h0: T.Tensor((NI, HV, K, W), acc),
@@ -90,6 +94,9 @@ def forward_kernel(
             B_s = T.alloc_shared((C,), acc)
             eg_s = T.alloc_shared((C,), acc)
             ee_s = T.alloc_shared((C,), acc)
+            Rk_s = T.alloc_shared((C,), acc)
+            wb_s = T.alloc_shared((C,), acc)
+            rq_s = T.alloc_shared((C,), acc)
             Ag_s = T.alloc_shared((C, C), dtype)
             Wa_s = T.alloc_shared((C, C), dtype)
             P_s = T.alloc_shared((C, C), dtype)
@@ -123,6 +130,8 @@ def forward_kernel(
                 T.copy(A[cid, hv, :, :], A_s)
                 T.copy(Gc[cid, hv, :], G_s)
                 T.copy(Bc[cid, hv, :], B_s)
+                if l2norm:
+                    T.copy(Rk[cid, hv, :], Rk_s)
                 if not summary:
                     T.copy(q[t0:t0 + C, hk, :], Q_s)
                 if summary:
@@ -134,19 +143,37 @@ def forward_kernel(
                     T.copy(v[t0:t0 + C, hv, vcol0:vcol0 + BV], V_s)
 
                 # Per-row decay factors (G is in log2 units: exp2 of differences, each <= 1).
-                for i in T.Parallel(C):
-                    eg_s[i] = T.exp2(G_s[i])
-                    ee_s[i] = T.exp2(G_s[C - 1] - G_s[i])
+                if l2norm:
+                    # Unit-norm q and k without rewriting them: k's 1 / ||k|| (Rk, from prepare)
+                    # scales the columns of Wa and P and the rows of Vk; q's (rq) the rows of Qg, P.
+                    if not summary:
+                        qf = T.alloc_fragment((C, K), acc)
+                        nq = T.alloc_fragment((C,), acc)
+                        T.copy(Q_s, qf)
+                        for i, d in T.Parallel(C, K):
+                            qf[i, d] = qf[i, d] * qf[i, d]
+                        T.reduce_sum(qf, nq, dim=1)
+                        for i in T.Parallel(C):
+                            rq_s[i] = T.rsqrt(nq[i] + 1e-6)
+                    for i in T.Parallel(C):
+                        eg_s[i] = T.exp2(G_s[i])
+                        ee_s[i] = T.exp2(G_s[C - 1] - G_s[i]) * Rk_s[i]
+                        wb_s[i] = B_s[i] * Rk_s[i]
+                else:
+                    for i in T.Parallel(C):
+                        eg_s[i] = T.exp2(G_s[i])
+                        ee_s[i] = T.exp2(G_s[C - 1] - G_s[i])
+                        wb_s[i] = B_s[i]
                 # In-chunk factors from the gate-free inverse (not on the serial path).
                 for i, j in T.Parallel(C, C):
                     Ag_s[i, j] = T.if_then_else(
                         i >= j, A_s[i, j] * T.exp2(G_s[i] - G_s[j]) * B_s[j], 0.0)
-                    Wa_s[i, j] = T.if_then_else(i >= j, A_s[i, j] * eg_s[i] * B_s[j], 0.0)
+                    Wa_s[i, j] = T.if_then_else(i >= j, A_s[i, j] * eg_s[i] * wb_s[j], 0.0)
                 if async_mma:
                     # Independent products are issued together and waited for once.
                     if not summary:
                         for i, d in T.Parallel(C, K):
-                            Qg_s[i, d] = Q_s[i, d] * (sc * eg_s[i])
+                            Qg_s[i, d] = Q_s[i, d] * (sc * eg_s[i] * (rq_s[i] if l2norm else 1.0))
                     T.wgmma_gemm(Wa_s, K_s, W_f, clear_accum=True)
                     T.wgmma_gemm(Ag_s, V_s, U_f, clear_accum=True)
                     if not summary:
@@ -159,8 +186,14 @@ def forward_kernel(
                         T.gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
                 T.copy(W_f, W_s)
                 if not summary:
-                    for i, j in T.Parallel(C, C):
-                        P_s[i, j] = T.if_then_else(i >= j, sc * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
+                    if l2norm:
+                        for i, j in T.Parallel(C, C):
+                            P_s[i, j] = T.if_then_else(
+                                i >= j, sc * rq_s[i] * Rk_s[j] * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
+                    else:
+                        for i, j in T.Parallel(C, C):
+                            P_s[i, j] = T.if_then_else(
+                                i >= j, sc * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
 
                 # Serial part.
                 T.copy(S, S_s)
@@ -193,7 +226,7 @@ def forward_kernel(
                     if not async_mma:
                         T.gemm(Q_s, S_s, O_f, clear_accum=True)
                         for i, j in T.Parallel(C, BV):
-                            O_f[i, j] = O_f[i, j] * (sc * eg_s[i])
+                            O_f[i, j] = O_f[i, j] * (sc * eg_s[i] * (rq_s[i] if l2norm else 1.0))
                         T.gemm(P_s, Vd_s, O_f)
                     T.copy(O_f, O_s)
                     for i, j in T.Parallel(C, BV):

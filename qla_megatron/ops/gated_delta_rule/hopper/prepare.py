@@ -31,12 +31,13 @@ LOG2E = 1.4426950408889634
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
 def prepare_kernel(
     # task config
-    H: int, HV: int, K: int, dtype: str,
+    H: int, HV: int, K: int, dtype: str, l2norm: bool = False,
     # kernel config
     threads: int = 128,
 ):
     """Grid (NC, HV). k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first token,
-    valid tokens). Writes Gc, Bc [NC, HV, C] fp32 and A [NC, HV, C, C] dtype."""
+    valid tokens). Writes Gc, Bc [NC, HV, C] fp32 and A [NC, HV, C, C] dtype; with l2norm also
+    Rk [NC, HV, C] = 1 / ||k|| (k itself is never rewritten: the forward folds Rk into its factors)."""
     C = CHUNK
     GQ = HV // H
     Tt, NC = T.dynamic("Tt, NC")
@@ -50,6 +51,7 @@ def prepare_kernel(
         chunks: T.Tensor((NC, 2), "int32"),
         Gc: T.Tensor((NC, HV, C), acc),
         Bc: T.Tensor((NC, HV, C), acc),
+        Rk: T.Tensor((NC, HV, C), acc),
         A: T.Tensor((NC, HV, C, C), dtype),
     ):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
@@ -60,6 +62,7 @@ def prepare_kernel(
             g_s = T.alloc_shared((C,), acc)
             b_s = T.alloc_shared((C,), acc)
             L_s = T.alloc_shared((C, C), acc)
+            r_s = T.alloc_shared((C,), acc)
             kkt = T.alloc_fragment((C, C), acc)
             x = T.alloc_local((C,), acc)
 
@@ -68,13 +71,29 @@ def prepare_kernel(
             for i in T.Parallel(C):
                 g_s[i] = T.if_then_else(i < n, g[t0 + i, hv], 0.0)
                 b_s[i] = T.if_then_else(i < n, beta[t0 + i, hv], 0.0)
+            if l2norm:
+                # 1 / ||k_i|| (eps 1e-6 as inputs.l2norm); K K^T of unit rows = diag(r) K K^T diag(r).
+                kf = T.alloc_fragment((C, K), acc)
+                nk = T.alloc_fragment((C,), acc)
+                T.copy(K_s, kf)
+                for i, d in T.Parallel(C, K):
+                    kf[i, d] = kf[i, d] * kf[i, d]
+                T.reduce_sum(kf, nk, dim=1)
+                for i in T.Parallel(C):
+                    r_s[i] = T.rsqrt(nk[i] + 1e-6)
             T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
-            for i, j in T.Parallel(C, C):
-                L_s[i, j] = T.if_then_else(i > j, b_s[i] * kkt[i, j], 0.0)
+            if l2norm:
+                for i, j in T.Parallel(C, C):
+                    L_s[i, j] = T.if_then_else(i > j, b_s[i] * r_s[i] * r_s[j] * kkt[i, j], 0.0)
+            else:
+                for i, j in T.Parallel(C, C):
+                    L_s[i, j] = T.if_then_else(i > j, b_s[i] * kkt[i, j], 0.0)
             T.cumsum(src=g_s, dst=g_s, dim=0)
             for i in T.Parallel(C):
                 Gc[ic, hv, i] = g_s[i] * LOG2E
                 Bc[ic, hv, i] = b_s[i]
+                if l2norm:
+                    Rk[ic, hv, i] = r_s[i]
 
             tx = T.get_thread_binding()
             if tx < C:
