@@ -187,6 +187,7 @@ def write(prefix, rows, card, versions, bw, rate):
         ax.legend()
         fig.tight_layout()
         fig.savefig(prefix + ".png", dpi=120)
+        plt.close(fig)
     except Exception as e:
         print("plot failed:", e)
 
