@@ -19,8 +19,14 @@ import os
 import statistics
 import sys
 
-import torch
-import torch.nn.functional as F
+# FLA 0.6 hands chunk_gated_delta_rule to FlashQLA's kernels on Hopper when flash-qla is importable
+# (its backend registry, default on). Megatron's layer calls FLA, so which kernels "Megatron's layer"
+# runs depends on this variable: 0 (the default here) keeps FLA's own Triton path, as DESIGN §5's
+# anchors and benchmarks/bench_ops.py do; run once more with FLA_FLASH_QLA=1 for the FlashQLA path.
+os.environ.setdefault("FLA_FLASH_QLA", "0")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def parse():
@@ -136,7 +142,8 @@ def write_table(args, reference, rows):
     lines = [f"Card: {card}; torch {torch.__version__}; {dtype}; hidden {args.hidden}; heads qk/v "
              f"{args.heads[0]}/{args.heads[1]}; K = V = {args.head_dim}; batch 1; TP 1; median of {args.iters}.",
              f"Command: `{' '.join(['python'] + sys.argv)}` "
-             f"(QLA_MEGATRON_CHECK_FINITE={os.environ.get('QLA_MEGATRON_CHECK_FINITE', '1')})", "",
+             f"(QLA_MEGATRON_CHECK_FINITE={os.environ.get('QLA_MEGATRON_CHECK_FINITE', '1')}, "
+             f"FLA_FLASH_QLA={os.environ['FLA_FLASH_QLA']})", "",
              "| layer | tokens | fwd ms | fwd+bwd ms | peak GiB | out rel. diff vs Megatron |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {T} | {f:.2f} | {fb:.2f} | {p:.1f} | {e} |" for n, T, f, fb, p, e in rows]

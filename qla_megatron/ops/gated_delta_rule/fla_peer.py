@@ -1,6 +1,8 @@
 """The optional "fla" backend: flash-linear-attention's Triton kernels (fla-core), for cross-checks.
 
-Explicit only (backend="fla"); never chosen by "auto" and never required.
+Explicit only (backend="fla"); never chosen by "auto" and never required. Note: on Hopper, FLA 0.6
+hands the call to FlashQLA's kernels when flash-qla is importable, unless FLA_FLASH_QLA=0 is set
+before the call; set it to compare with FLA's own Triton kernels.
 """
 
 from __future__ import annotations
