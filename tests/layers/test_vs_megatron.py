@@ -5,8 +5,9 @@ Output, input gradient and every weight gradient agree within 1e-5, except the A
 gradients: they are sums over tokens of the gate gradient dg, which cancel, so in float32 *any*
 implementation is off the float64 truth by 1e-5..3e-3 at Megatron's A_init_range (1, 16) (Megatron's
 own path measured up to 2.9e-3 over 40 seeds). For those two the rule is flash-attention's: our error
-against our float64 layer is at most 8x Megatron's float32 error (measured ratio 0.75..5.5 over 40
-seeds with the torch backend of the op). The layer's own plumbing is checked to 1e-5 on *every*
+against our float64 layer is at most 2x Megatron's float32 error (measured ratio 0.03..0.18 over 12
+seeds since the op's backward forms dg from the terms that really depend on each g, without the
+cancelling reverse cumsum of dG; it was 0.75..5.5 before). The layer's own plumbing is checked to 1e-5 on *every*
 gradient by running Megatron's kernel through our layer's gated_delta_rule seam.
 """
 
@@ -52,7 +53,7 @@ def megatron_kernel_in(layer):
 
 def compare(ours, theirs, x, exact_names=None, truth=None):
     """Everything within 1e-5, except ILL_CONDITIONED gradients when `truth` (our float64 layer with
-    the same weights) is given: those must be within 8x Megatron's float32 error against it."""
+    the same weights) is given: those must be within 2x Megatron's float32 error against it."""
     o1, b1, dx1, g1 = run(ours, x)
     o2, b2, dx2, g2 = run(theirs, x)
     assert rel_err(o1, o2) <= 1e-5
@@ -62,7 +63,7 @@ def compare(ours, theirs, x, exact_names=None, truth=None):
     g64 = run(truth, x.double())[3] if truth is not None else None
     for name in g1:
         if g64 is not None and name in ILL_CONDITIONED:
-            assert rel_err(g1[name], g64[name]) <= 8 * rel_err(g2[name], g64[name]) + 1e-6, name
+            assert rel_err(g1[name], g64[name]) <= 2 * rel_err(g2[name], g64[name]) + 1e-6, name
         else:
             assert rel_err(g1[name], g2[name]) <= 1e-5, name
 

@@ -204,10 +204,18 @@ def chunk_gradients(ch: ChunkTerms, S, dS_end, dVd, dO):
         dq = ch.gamma * (dO @ S.transpose(-1, -2)) + dQK @ ch.kc
         dk = dk + dQK.transpose(-1, -2) @ ch.qc
         dgamma = dgamma + ((ch.qc @ S) * dO).sum(-1)
-    # Back to the cumulative log-gates G, then to g (G = cumsum g within the chunk).
-    GdG = ch.Gamma * dGamma
+    # Straight to g, without forming dG = d loss / d G: token m's g enters G_i for every i >= m, so
+    #   exp(G_i)              -> dg_m += sum_{i >= m} gamma_i dgamma_i
+    #   exp(G_C)              -> dg_m += gamma_C dgamma_C
+    #   exp(G_C - G_i)        -> dg_m += sum_{i < m} d_i dd_i
+    #   exp(G_a - G_b), a > b -> dg_m += sum_{a >= m > b} Gamma_ab dGamma_ab
+    # Each is a sum of the terms that really depend on g_m; the reverse cumsum of dG would add and
+    # cancel row and column sums of Gamma . dGamma, losing digits to cancellation.
+    gdg = ch.gamma.squeeze(-1) * dgamma
+    dg = gdg.flip(-1).cumsum(-1).flip(-1) + (ch.gamma_C[..., 0, 0] * dgamma_C).unsqueeze(-1)
     d_dd = ch.to_end.squeeze(-1) * dd
-    dG = ch.gamma.squeeze(-1) * dgamma + GdG.sum(-1) - GdG.sum(-2) - d_dd
-    dG[..., -1] += d_dd.sum(-1) + ch.gamma_C[..., 0, 0] * dgamma_C
-    dg = dG.flip(-1).cumsum(-1).flip(-1)
+    dg = dg + (d_dd.cumsum(-1) - d_dd)
+    X = (ch.Gamma * dGamma).masked_fill(~ch.strict, 0)                  # [.., a, b], a > b
+    below = torch.nn.functional.pad(X.cumsum(-1)[..., :-1], (1, 0))    # [a, m] = sum_{b < m} X_ab
+    dg = dg + below.masked_fill(~ch.lower, 0).sum(-2)                  # sum over a >= m
     return dict(dq=dq, dk=dk, dv=dX, dg=dg, dbeta=dbeta)
