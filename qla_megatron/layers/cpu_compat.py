@@ -7,7 +7,10 @@ megatron-core assumes CUDA in a few places that the GDN layer, its specs and a s
 * the default causal mask of the local softmax is made with `device="cuda"`;
 * dist-checkpoint saving calls `torch.cuda.synchronize()` (nothing to wait for on CPU);
 * `megatron.core.jit.jit_fuser` is `torch.compile`, which on CPU builds C++ for every graph
-  (tens of seconds per test), so dynamo is switched off.
+  (tens of seconds per test), so dynamo is switched off;
+* selective recompute (`CheckpointWithoutOutput`) saves and restores the CUDA RNG state, and hands a
+  recomputed tensor's storage to the discarded one through a C++ extension it compiles on first use:
+  on CPU there is no CUDA RNG, and the storage is restored by a copy instead.
 
 `enable_megatron_on_cpu()` patches those and nothing else. The layer itself never imports this
 module: on a GPU host none of it applies.
@@ -70,6 +73,13 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _restore_storage_by_copy(output: torch.Tensor, recomputed: torch.Tensor) -> None:
+    """Refill the storage that CheckpointWithoutOutput released (every view of it sees the data)."""
+    storage = output.untyped_storage()
+    storage.resize_(recomputed.untyped_storage().nbytes())
+    storage.copy_(recomputed.untyped_storage())
+
+
 def enable_megatron_on_cpu() -> None:
     """Patch megatron-core for a CPU-only torch (idempotent; a no-op where CUDA is available)."""
     global _ENABLED
@@ -82,6 +92,9 @@ def enable_megatron_on_cpu() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._get_share_storage = lambda: _restore_storage_by_copy
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _ENABLED = True

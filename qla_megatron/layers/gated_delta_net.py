@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -81,6 +81,10 @@ class GatedDeltaNet(MegatronModule):
         self.use_qk_l2norm = use_qk_l2norm
         self.A_init_range = (low, high)
         self.backend = backend
+        # Selective recompute of the gated out_norm (Megatron's "gdn_norm_out"): its output, the
+        # out_proj input, is freed after the forward and recomputed when out_proj's gradient arrives.
+        self.recompute_norm_out = (config.recompute_granularity == "selective"
+                                   and "gdn_norm_out" in (config.recompute_modules or ()))
         s = self.sizes
         # Megatron's attribute names, read by its checkpoint converters and tests.
         self.in_proj_dim = s.in_proj_dim
@@ -174,9 +178,15 @@ class GatedDeltaNet(MegatronModule):
         g = -self.A_log.to(gdt).exp() * F.softplus(alpha.to(gdt) + self.dt_bias.to(gdt))
         o = self.gated_delta_rule(q, k, v, g, beta.sigmoid(), cu_seqlens)
 
-        out = self._gated_norm(o, z.reshape(batch, seq_len, hv, s.value_head_dim))
-        out = out.reshape(batch, seq_len, s.v_dim_local_tp).transpose(0, 1).contiguous()
-        return self.out_proj(out)  # row-parallel: all-reduce (or reduce-scatter with SP)
+        z = z.reshape(batch, seq_len, hv, s.value_head_dim)
+        if not self.recompute_norm_out:
+            return self.out_proj(self._gated_norm(o, z))  # row-parallel: all-reduce (or reduce-scatter)
+        # fp8=None unless FP8 training: megatron-core 0.19 treats any non-None value, False included,
+        # as FP8 and then needs Transformer Engine (so its own layer's norm-out recompute needs TE).
+        checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8 or self.config.fp4)
+        out, bias = self.out_proj(checkpoint.checkpoint(self._gated_norm, o, z))
+        checkpoint.discard_output_and_register_recompute(out)
+        return out, bias
 
     # --- sequence mixing: the CP seam -------------------------------------------------------------
 
@@ -195,10 +205,13 @@ class GatedDeltaNet(MegatronModule):
     # ------------------------------------------------------------------------------------------------
 
     def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """RMSNorm over each value head, times SiLU of the output gate z (in float32 at least)."""
-        normed = self.out_norm(o.reshape(-1, o.shape[-1]))
-        gate = z.reshape(-1, z.shape[-1]).to(torch.promote_types(z.dtype, torch.float32))
-        return (normed * F.silu(gate)).to(o.dtype)
+        """o, z [b, s, hv, V] -> [s, b, hv * V]: RMSNorm over each value head times SiLU of the output
+        gate z (in float32 at least), in out_proj's layout."""
+        b, s_len, hv, dv = o.shape
+        normed = self.out_norm(o.reshape(-1, dv))
+        gate = z.reshape(-1, dv).to(torch.promote_types(z.dtype, torch.float32))
+        out = (normed * F.silu(gate)).to(o.dtype)
+        return out.reshape(b, s_len, hv * dv).transpose(0, 1).contiguous()
 
     def _cu_seqlens(self, packed_seq_params, seq_len: int, batch: int, device) -> Optional[torch.Tensor]:
         """int64 cu_seqlens from packed_seq_params ("thd"), checked against the token count."""
