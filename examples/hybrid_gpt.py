@@ -3,6 +3,7 @@ trained for a few steps on random tokens. Runs on CPU (gloo) or GPU (NCCL), alon
 
     python examples/hybrid_gpt.py                                   # 1 process, CPU
     torchrun --nproc-per-node 2 examples/hybrid_gpt.py --tp 2       # tensor parallel over 2 ranks
+    torchrun --nproc-per-node 2 examples/hybrid_gpt.py --tp 2 --sequence-parallel
 
 Prints the loss and tokens/s of every step (rank 0). Without Transformer Engine the spec uses
 megatron-core's local modules; with it, TE's (`--spec-backend` chooses).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= world size here)")
+    p.add_argument("--sequence-parallel", action="store_true", help="Megatron's sequence parallelism (TP > 1)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--linear-attention-freq", type=int, default=4, help="every Nth layer is attention")
     p.add_argument("--hidden", type=int, default=256)
@@ -79,6 +81,7 @@ def main():
         normalization="RMSNorm", linear_num_key_heads=args.qk_heads, linear_num_value_heads=args.v_heads,
         linear_key_head_dim=args.head_dim, linear_value_head_dim=args.head_dim, linear_conv_kernel_dim=4,
         linear_attention_freq=args.linear_attention_freq, tensor_model_parallel_size=args.tp,
+        sequence_parallel=args.sequence_parallel,
         use_cpu_initialization=device == "cpu", hidden_dropout=0.0, attention_dropout=0.0)
     model = GPTModel(config, transformer_layer_spec=get_hybrid_block_spec(config, backend=args.spec_backend),
                      vocab_size=args.vocab, max_sequence_length=args.seq, position_embedding_type="rope",
@@ -96,6 +99,10 @@ def main():
         optimizer.zero_grad()
         loss = model(tokens[:, :-1], position_ids, attention_mask=None, labels=tokens[:, 1:]).mean()
         loss.backward()
+        if args.sequence_parallel:  # SP norm weights hold partial gradients: sum them over TP
+            for p in model.parameters():
+                if getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.grad, group=pg.tp)
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()

@@ -14,11 +14,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
-from .norm import LocalHeadNorm
+from .norm import LocalHeadNorm, SequenceParallelTorchNorm
 
 BACKENDS = ("transformer_engine", "local")
 
@@ -93,12 +94,17 @@ def linear_attention_pattern(num_layers: int, linear_attention_freq: Union[int, 
 
 
 def _attention_layer_spec(config, backend: str) -> ModuleSpec:
-    """Megatron's own GPT layer (full causal attention + dense MLP) for this backend."""
+    """Megatron's own GPT layer (full causal attention + dense MLP) for this backend; on the local
+    backend its torch norms (WrappedTorchNorm, used when Apex is absent) allow sequence parallelism."""
     if backend == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    sub = spec.submodules
+    swap = {name: SequenceParallelTorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+            if getattr(sub, name) is WrappedTorchNorm}
+    return ModuleSpec(module=spec.module, params=dict(spec.params), submodules=dataclasses.replace(sub, **swap))
 
 
 def _gdn_layer_spec(attention_layer: ModuleSpec, gdn: ModuleSpec) -> ModuleSpec:

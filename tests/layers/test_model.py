@@ -119,3 +119,41 @@ def test_hybrid_pattern_and_specs(single_rank):
     assert [s.submodules.self_attention.module is GatedDeltaNet for s in layers] == [True, True, False] * 2
     # A local GDN layer names its input norm like the TE spec (fused in in_proj) in checkpoints.
     assert layers[0].submodules.sharded_state_dict_keys_map["input_layernorm."] == "self_attention.in_proj.layer_norm_"
+
+
+def _sp_rank(rank, world_size, seed):
+    """SP on and off at TP = 2, same weights: same per-token losses, and the same gradients once the
+    partial norm gradients of SP (params marked sequence_parallel) are summed over TP, as Megatron's
+    finalize_model_grads does."""
+    from megatron.core.models.gpt import GPTModel
+
+    from qla_megatron.layers import get_hybrid_block_spec
+
+    from .mcore_setup import gdn_config, rel_err, set_model_parallel
+
+    results = []
+    for sp in (False, True):
+        pg = set_model_parallel(tp=world_size, seed=seed)
+        config = gdn_config(hidden=32, hk=2, hv=4, dk=8, dv=8, tp=world_size, sp=sp, num_layers=4,
+                            linear_attention_freq=4, gated_linear_unit=True, ffn_hidden_size=64,
+                            num_query_groups=2)
+        model = GPTModel(config, transformer_layer_spec=get_hybrid_block_spec(config, backend="local"),
+                         vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                         pg_collection=pg)
+        losses = _token_losses(model, seed)
+        losses.mean().backward()
+        marked = 0
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                torch.distributed.all_reduce(p.grad, group=pg.tp)
+                marked += 1
+        results.append((losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, marked))
+    (l_off, g_off, _), (l_on, g_on, marked) = results
+    assert marked > 0, "SP must mark the norm weights"
+    assert rel_err(l_on, l_off) <= 1e-5
+    for name in g_off:
+        assert rel_err(g_on[name], g_off[name]) <= 1e-5, name
+
+
+def test_hybrid_gpt_sequence_parallel_equals_off_at_tp2(fresh_seed):
+    run_on_ranks(2, _sp_rank, fresh_seed)
