@@ -1,5 +1,9 @@
 """Hopper (TileLang) forward vs the float64 token-by-token recurrence (DESIGN §6: o and final state
-<= 5e-3 relative L2 for bf16). Every output is poisoned with NaN before the kernels run. GPU only."""
+<= 5e-3 relative L2 for bf16). Every output is poisoned with NaN before the kernels run. GPU only.
+
+The correctness tests run once per forward kernel variant (ids "fused": forward.py, the default;
+"ws": forward_ws.py, hand warp-specialized), chosen through $QLA_MEGATRON_HOPPER_FORWARD exactly as a
+user would; `-k ws` runs only the latter."""
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from .gdr_inputs import make_inputs, rel
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
 HEADS = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]   # (H, HV)
+VARIANTS = ["fused", "ws"]
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +26,14 @@ def poison():
     hchunk.POISON_OUTPUTS = True
     yield
     hchunk.POISON_OUTPUTS = False
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Selects the forward kernel through the environment variable the op reads on every call."""
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk
+    monkeypatch.setenv(hchunk.FORWARD_ENV, request.param)
+    return request.param
 
 
 def _inputs(B, T, H, HV, K=128, V=128, dtype=torch.bfloat16, N=None, profile="mixed"):
@@ -51,14 +64,14 @@ def _check(o, s, ro, rs):
 
 @pytest.mark.parametrize("H,HV", HEADS, ids=[f"H{h}-HV{hv}" for h, hv in HEADS])
 @pytest.mark.parametrize("B,T", [(2, 200), (1, 64), (1, 1)], ids=["B2-T200", "B1-T64", "B1-T1"])
-def test_heads(B, T, H, HV):
+def test_heads(B, T, H, HV, variant):
     low, h0 = _inputs(B, T, H, HV)
     o, s = chunk_gated_delta_rule(*low, initial_state=h0, output_final_state=True,
                                   use_qk_l2norm_in_kernel=True, backend="tilelang")
     _check(o, s, *_reference(low, h0))
 
 
-def test_varlen_many_short_one_long():
+def test_varlen_many_short_one_long(variant):
     lens = [1, 16, 63, 64, 65, 3, 127, 1500, 200, 7]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device="cuda")
     low, h0 = _inputs(1, sum(lens), 4, 16, N=len(lens))
@@ -69,7 +82,7 @@ def test_varlen_many_short_one_long():
 
 @pytest.mark.parametrize("profile", ["mixed", "none"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_intra_cp_on_off(profile, varlen):
+def test_intra_cp_on_off(profile, varlen, variant):
     H, HV = 2, 8
     if varlen:
         lens = [700, 5, 1100, 64]
@@ -87,7 +100,7 @@ def test_intra_cp_on_off(profile, varlen):
         assert rel(on[0], off[0]) <= TOL and rel(on[1], off[1]) <= TOL
 
 
-def test_other_value_dims_and_fp16_and_scale():
+def test_other_value_dims_and_fp16_and_scale(variant):
     for V in (64, 256):
         low, h0 = _inputs(1, 300, 2, 4, V=V)
         _check(*_hopper(low, h0), *_reference(low, h0))
@@ -95,7 +108,7 @@ def test_other_value_dims_and_fp16_and_scale():
     _check(*_hopper(low, h0, scale=0.3), *_reference(low, h0, scale=0.3))
 
 
-def test_reruns_bit_identical():
+def test_reruns_bit_identical(variant):
     low, h0 = _inputs(1, 777, 2, 8)
     cfg = IntraCPConfig(segment_len=128)
     o0, s0 = _hopper(low, h0, None, cfg)
@@ -126,3 +139,24 @@ def test_gradients_recompute_through_torch():
         grads.append(torch.autograd.grad((o.double() * do).sum() + s.double().sum(), leaves))
     for a, b in zip(*grads):
         assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "no-l2norm"])
+def test_ws_matches_recurrence_long(l2norm):
+    """The ws kernel over many chunks (its two shared-memory slots wrap around often), with and without
+    l2norm in the kernel, intra-card CP off and on; also no further from the float64 recurrence than
+    twice the fused kernel's error plus 1e-4."""
+    from qla_megatron.ops.gated_delta_rule.hopper.chunk import chunk_gated_delta_rule_fwd
+    low, h0 = _inputs(1, 64 * 37 + 5, 2, 8)
+    if not l2norm:
+        low[0] = torch.nn.functional.normalize(low[0].float(), dim=-1).to(low[0].dtype)
+        low[1] = torch.nn.functional.normalize(low[1].float(), dim=-1).to(low[1].dtype)
+    q, k, v, g, beta = (t.double() for t in low)
+    ro, rs = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0.double(), output_final_state=True,
+                                        use_qk_l2norm_in_kernel=l2norm)
+    for cfg in (IntraCPConfig(enabled=False), IntraCPConfig(segment_len=256)):
+        ws = chunk_gated_delta_rule_fwd(*low, None, h0, True, None, l2norm, intra_cp=cfg, variant="ws")
+        fused = chunk_gated_delta_rule_fwd(*low, None, h0, True, None, l2norm, intra_cp=cfg, variant="fused")
+        eo, es = _check(*ws, ro, rs)
+        fo, fs = _check(*fused, ro, rs)
+        assert eo <= 2 * fo + 1e-4 and es <= 2 * fs + 1e-4, (eo, fo, es, fs)

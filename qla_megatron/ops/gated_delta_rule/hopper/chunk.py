@@ -6,6 +6,13 @@
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
 Without intra-card CP (one segment per sequence) only prepare and forward run.
+
+Two forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
+
+    fused  (default) forward.py: TileLang's automatic warp specialization; verified on an H100
+    ws     forward_ws.py: hand warp-specialized, the state-free half of chunk i + 1 overlapping chunk
+           i's state chain, 1/||q|| from prepare (norm_q); compiled for sm_90a on a CPU only, not
+           yet run on a GPU
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
 from .forward import CHUNK, forward_kernel
+from .forward_ws import forward_ws_kernel
 from .prepare import prepare_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -28,8 +36,26 @@ BV = 64
 # Kernel config: issue independent wgmma together (True) or one synchronous T.gemm at a time (False);
 # QLA_MEGATRON_HOPPER_SYNC_MMA=1 selects the latter (kept for A/B timing).
 ASYNC_MMA = os.environ.get("QLA_MEGATRON_HOPPER_SYNC_MMA", "0") != "1"
+# Forward kernel variant (see the module docstring); the default is the GPU-verified kernel.
+FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
+FORWARD_VARIANTS = {"fused": forward_kernel, "ws": forward_ws_kernel}
 # Tests set this to fill every output with NaN before the kernels run (unwritten elements then show).
 POISON_OUTPUTS = False
+
+
+def forward_variant(variant: Optional[str] = None) -> str:
+    """The forward kernel variant: `variant` if given, else $QLA_MEGATRON_HOPPER_FORWARD, else "fused"."""
+    name = variant if variant is not None else os.environ.get(FORWARD_ENV, "") or "fused"
+    if name not in FORWARD_VARIANTS:
+        src = "variant" if variant is not None else FORWARD_ENV
+        raise ValueError(f"{src}={name!r} is not a Hopper forward variant; choose one of "
+                         f"{sorted(FORWARD_VARIANTS)}")
+    return name
+
+
+def forward_factory(variant: Optional[str] = None):
+    """The @tilelang.jit factory of the forward kernel variant (see forward_variant)."""
+    return FORWARD_VARIANTS[forward_variant(variant)]
 
 
 def _empty(*shape, dtype, device):
@@ -102,11 +128,14 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def prepare(k, g, beta, chunks, HV, l2norm=False):
+def prepare(k, g, beta, chunks, HV, l2norm=False, q=None):
     """Launch prepare_kernel. k [Tt, H, K] (dtype), g, beta [Tt, HV] fp32, chunks [NC, 2] int32.
-    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A."""
+    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A; given q
+    (with l2norm: the ws forward's norm_q), also Rq [NC, HV, C] = 1 / ||q|| as a fifth."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
+    if q is not None:
+        return _prepare_norm_q(q, k, g, beta, chunks, HV)
     kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm)
     Gc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
     Bc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
@@ -117,29 +146,52 @@ def prepare(k, g, beta, chunks, HV, l2norm=False):
     return Gc, Bc, Rk, A
 
 
+def _prepare_norm_q(q, k, g, beta, chunks, HV):
+    Tt, H, K = k.shape
+    NC = chunks.shape[0]
+    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=True, norm_q=True)
+    Gc, Bc, Rk, Rq = (_empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device) for _ in range(4))
+    A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
+    kern(q, k, g, beta, chunks, Gc, Bc, Rk, A, Rq)
+    return Gc, Bc, Rk, A, Rq
+
+
 def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
-            l2norm=False):
-    """Launch forward_kernel over the segments in `segs`. Returns ht [n_final, HV, K, W] or None."""
+            l2norm=False, variant="fused", Rq=None):
+    """Launch the forward kernel `variant` over the segments in `segs`; "ws" also takes Rq (1 / ||q||
+    from prepare, read with l2norm). Returns ht [n_final, HV, K, W] or None."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     Wd = K + V if summary else V
     dev = k.device
-    kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                          store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
-                          BV=BV, async_mma=ASYNC_MMA)
+    if variant == "ws":
+        kern = forward_ws_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
+                                 store_final=n_final > 0, save_states=states is not None, l2norm=l2norm, BV=BV)
+    else:
+        kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
+                              store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
+                              BV=BV, async_mma=ASYNC_MMA)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
     # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
         torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
+    if variant == "ws":
+        # Without l2norm the kernel reads no Rq; Rk (same shape) stands in for the argument.
+        kern(q, k, v, Gc, Bc, Rk, Rq if Rq is not None else Rk, A, segs, h0 if h0 is not None else dummy,
+             float(scale), o, ht, st)
+    else:
+        kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                               use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None):
-    """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state)."""
+                               use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None,
+                               variant: Optional[str] = None):
+    """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state).
+    `variant` picks the forward kernel ("fused" or "ws"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
+    variant = forward_variant(variant)
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     dev = k.device
@@ -159,10 +211,14 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     scale = K ** -0.5 if scale is None else float(scale)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
 
-    Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
+    Rq = None
+    if variant == "ws" and l2:
+        Gc, Bc, Rk, A, Rq = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2, q=qf)
+    else:
+        Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
     if plan.sum_segs is not None:
         _, summ = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.sum_segs, scale, n_final=plan.sum_segs.shape[0],
-                          summary=True, l2norm=l2)
+                          summary=True, l2norm=l2, variant=variant, Rq=Rq)
         M, ext = summ[..., :K], summ[..., K:]
         starts = torch.zeros(plan.NS, HV, K, V, dtype=torch.float32, device=dev)
         if h0 is not None:
@@ -171,14 +227,22 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
             starts[nxt] = torch.matmul(M[sum_rows], starts[cur]) + ext[sum_rows]
         h0 = starts
     o, ht = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.segs, scale, h0=h0,
-                    n_final=N if output_final_state else 0, l2norm=l2)
+                    n_final=N if output_final_state else 0, l2norm=l2, variant=variant, Rq=Rq)
     return o.view(B, T, HV, V), ht
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True):
+def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant="fused"):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
-    length and batch are symbolic, so this set serves every length."""
+    length and batch are symbolic, so this set serves every length. Same order for both variants."""
     d = _DTYPES[dtype]
+    if variant == "ws":
+        main = dict(summary=False, BV=BV, l2norm=l2norm)
+        return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, norm_q=l2norm)),
+                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
+                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
+                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
+                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
+                ("forward_ws", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, l2norm=l2norm))]
     main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
     return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
@@ -191,7 +255,7 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True):
 
 def _compile_one(item):
     name, args, kwargs = item
-    factory = {"prepare": prepare_kernel, "forward": forward_kernel}[name]
+    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_ws": forward_ws_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t

@@ -31,29 +31,25 @@ LOG2E = 1.4426950408889634
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
 def prepare_kernel(
     # task config
-    H: int, HV: int, K: int, dtype: str, l2norm: bool = False,
+    H: int, HV: int, K: int, dtype: str, l2norm: bool = False, norm_q: bool = False,
     # kernel config
     threads: int = 128,
 ):
     """Grid (NC, HV). k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first token,
     valid tokens). Writes Gc, Bc [NC, HV, C] fp32 and A [NC, HV, C, C] dtype; with l2norm also
-    Rk [NC, HV, C] = 1 / ||k|| (k itself is never rewritten: the forward folds Rk into its factors)."""
+    Rk [NC, HV, C] = 1 / ||k|| (k itself is never rewritten: the forward folds Rk into its factors).
+
+    norm_q=True (with l2norm; for forward_ws.py) takes q [Tt, H, K] as the first argument and Rq
+    [NC, HV, C] = 1 / ||q|| (eps 1e-6, as for k) as the last, so the forward's per-chunk chain has no
+    reduction. norm_q=False builds exactly the kernel it built before the option existed."""
     C = CHUNK
     GQ = HV // H
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
+    assert l2norm or not norm_q, "norm_q needs l2norm"
 
-    @T.prim_func
-    def kernel(
-        k: T.Tensor((Tt, H, K), dtype),
-        g: T.Tensor((Tt, HV), acc),
-        beta: T.Tensor((Tt, HV), acc),
-        chunks: T.Tensor((NC, 2), "int32"),
-        Gc: T.Tensor((NC, HV, C), acc),
-        Bc: T.Tensor((NC, HV, C), acc),
-        Rk: T.Tensor((NC, HV, C), acc),
-        A: T.Tensor((NC, HV, C, C), dtype),
-    ):
+    @T.macro
+    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             hk = hv // GQ
             t0 = chunks[ic, 0]
@@ -95,6 +91,19 @@ def prepare_kernel(
                 if l2norm:
                     Rk[ic, hv, i] = r_s[i]
 
+            if norm_q:
+                Q_s = T.alloc_shared((C, K), dtype)
+                qf = T.alloc_fragment((C, K), acc)
+                nq = T.alloc_fragment((C,), acc)
+                for i, d in T.Parallel(C, K):
+                    Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
+                T.copy(Q_s, qf)
+                for i, d in T.Parallel(C, K):
+                    qf[i, d] = qf[i, d] * qf[i, d]
+                T.reduce_sum(qf, nq, dim=1)
+                for i in T.Parallel(C):
+                    Rq[ic, hv, i] = T.rsqrt(nq[i] + 1e-6)
+
             tx = T.get_thread_binding()
             if tx < C:
                 for r in T.unroll(C):
@@ -103,5 +112,34 @@ def prepare_kernel(
                         x[r] = x[r] - L_s[r, j] * x[j]
                 for r in T.unroll(C):
                     A[ic, hv, r, tx] = T.cast(x[r], dtype)
+
+    if norm_q:
+        @T.prim_func
+        def kernel(
+            q: T.Tensor((Tt, H, K), dtype),
+            k: T.Tensor((Tt, H, K), dtype),
+            g: T.Tensor((Tt, HV), acc),
+            beta: T.Tensor((Tt, HV), acc),
+            chunks: T.Tensor((NC, 2), "int32"),
+            Gc: T.Tensor((NC, HV, C), acc),
+            Bc: T.Tensor((NC, HV, C), acc),
+            Rk: T.Tensor((NC, HV, C), acc),
+            A: T.Tensor((NC, HV, C, C), dtype),
+            Rq: T.Tensor((NC, HV, C), acc),
+        ):
+            body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq)
+    else:
+        @T.prim_func
+        def kernel(
+            k: T.Tensor((Tt, H, K), dtype),
+            g: T.Tensor((Tt, HV), acc),
+            beta: T.Tensor((Tt, HV), acc),
+            chunks: T.Tensor((NC, 2), "int32"),
+            Gc: T.Tensor((NC, HV, C), acc),
+            Bc: T.Tensor((NC, HV, C), acc),
+            Rk: T.Tensor((NC, HV, C), acc),
+            A: T.Tensor((NC, HV, C, C), dtype),
+        ):
+            body(k, g, beta, chunks, Gc, Bc, Rk, A, None, None)
 
     return kernel

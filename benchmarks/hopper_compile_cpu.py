@@ -1,0 +1,122 @@
+"""Compile Hopper kernels for sm_90a on a machine without a GPU and report what ptxas says.
+
+TileLang generates and nvcc compiles sm_90a code without a GPU; only libcuda is needed at link time,
+and an empty stub serves (shared/gpu/README.md, "Compile on the CPU first"). For every kernel this
+prints the TileLang compile time, then registers per thread, spills, named barriers and shared memory
+from `nvcc -Xptxas -v` on the generated source:
+
+    python benchmarks/hopper_compile_cpu.py                       # forward_ws, H/HV 2/8 and 16/32
+    python benchmarks/hopper_compile_cpu.py --kernel forward --heads 2/8
+    python benchmarks/hopper_compile_cpu.py --keep /tmp/ws        # also keep the .cu sources
+    python benchmarks/hopper_compile_cpu.py --kernel prepare      # prepare, with and without norm_q
+
+Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
+
+Development only: no test depends on it.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+
+
+def _stub_libcuda():
+    d = os.path.join(tempfile.gettempdir(), "cudastub")
+    so = os.path.join(d, "libcuda.so")
+    if not os.path.exists(so):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["gcc", "-shared", "-x", "c", "-", "-o", so], input=b"", check=True)
+    os.environ["LIBRARY_PATH"] = d + (":" + os.environ["LIBRARY_PATH"] if os.environ.get("LIBRARY_PATH") else "")
+
+
+def ptxas_report(src: str, keep_as: str = None):
+    """(registers, spill store bytes, spill load bytes, named barriers, ptxas warned about setmaxnreg)."""
+    import tilelang.env as env
+    with tempfile.TemporaryDirectory() as d:
+        cu = os.path.join(d, "k.cu")
+        open(cu, "w").write(src)
+        if keep_as:
+            open(keep_as, "w").write(src)
+        cmd = ["nvcc", "-std=c++20", "-w", "-Xcudafe", "--diag_suppress=177", "-cubin",
+               "-gencode", "arch=compute_90a,code=sm_90a", "--use_fast_math", "-Xptxas", "-v",
+               "-I" + env.TILELANG_TEMPLATE_PATH, "-I" + env.CUTLASS_INCLUDE_DIR, cu, "-o",
+               os.path.join(d, "k.cubin")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    if out.returncode:
+        raise RuntimeError(log[-3000:])
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    bars = re.search(r"used (\d+) barriers", log)
+    warn = "C7508" in log or "setmaxnreg" in log and "ignored" in log
+    return regs, st, ld, int(bars.group(1)) if bars else 0, warn
+
+
+def dynamic_smem(host_src: str, threads: int):
+    """Dynamic shared memory of the launch, read off the host wrapper: the launch arguments are
+    grid (3), block (3), then the dynamic shared-memory bytes."""
+    vals = [int(v) for v in re.findall(r"\.v_int64\) = \(\(int64_t\)(\d+)\);", host_src)]
+    for i in range(len(vals) - 3):
+        if vals[i:i + 3] == [threads, 1, 1]:
+            return vals[i + 3]
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="forward_ws", choices=["forward_ws", "forward", "prepare"])
+    ap.add_argument("--heads", default="2/8,16/32", help="H/HV pairs")
+    ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
+    ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
+    args = ap.parse_args()
+    _stub_libcuda()
+    import tilelang
+    if not args.warm:
+        tilelang.disable_cache()
+    from qla_megatron.ops.gated_delta_rule.hopper import forward, forward_ws, prepare
+    fast = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    exact = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    rows = []
+    for hh in args.heads.split(","):
+        H, HV = map(int, hh.split("/"))
+        if args.kernel == "prepare":
+            variants = [(dict(l2norm=l2, norm_q=nq), exact) for l2, nq in ((False, False), (True, False), (True, True))]
+            factory = prepare.prepare_kernel
+            pos = (H, HV, 128, "bfloat16")
+        else:
+            factory = forward_ws.forward_ws_kernel if args.kernel == "forward_ws" else forward.forward_kernel
+            pos = (H, HV, 128, 128, "bfloat16")
+            variants = []
+            for l2 in (False, True):
+                for hi, sf in ((False, True), (True, True), (True, False), (False, False)):
+                    variants.append((dict(l2norm=l2, has_initial=hi, store_final=sf), fast))
+                variants.append((dict(l2norm=l2, summary=True, store_final=True), fast))
+        for kw, cfg in variants:
+            if args.kernel == "prepare" and kw["norm_q"] and not kw["l2norm"]:
+                continue
+            t = time.time()
+            kern = tilelang.compile(factory.get_tir(*pos, **kw), target=TARGET, pass_configs=cfg)
+            dt = time.time() - t
+            tag = f"{args.kernel}_H{H}_HV{HV}_" + "_".join(f"{k}{int(v)}" for k, v in kw.items())
+            keep = os.path.join(args.keep, tag + ".cu") if args.keep else None
+            regs, st, ld, bars, warn = ptxas_report(kern.get_kernel_source(), keep)
+            m = re.search(r"__launch_bounds__\((\d+)", kern.get_kernel_source())
+            smem = dynamic_smem(kern.get_host_source(), int(m.group(1))) if m else None
+            rows.append((tag, dt, regs, st, ld, bars, smem, warn))
+            print(f"{tag}: compile {dt:.1f} s; {regs} regs/thread, spill st/ld {st}/{ld} B, {bars} named "
+                  f"barriers, dynamic smem {smem} B{'; setmaxnreg IGNORED' if warn else ''}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
