@@ -26,7 +26,7 @@ Warpgroups (384 threads, __launch_bounds__(384, 1): 168 registers a thread at en
 
     threads    warpgroup  role                                                      registers
     0-127      chain      S in registers; Vd, O, S update per chunk                 setmaxnreg 240
-    128-255    prep       per chunk: Ag, Wn, P, Qg, Ke into the slot, 1 ahead      setmaxnreg 232
+    128-255    prep       per chunk: Ag, Wn, P, Qg, Ke into the slot, 1 ahead      setmaxnreg 224
     256-287    load       one elected lane: TMA of q, k, v, A, G, beta, Rk, Rq      setmaxnreg 40
     288-319    (idle)     nothing after the register handover                       setmaxnreg 40
     320-383    store      o rows from O_s to device memory, masked at sequence end  setmaxnreg 40
@@ -60,7 +60,11 @@ CHUNK = 64
 # Threads of each role (see the table above).
 CHAIN, PREP, LOAD, STORE = 0, 128, 256, 320
 THREADS = 384
-NREG_CHAIN, NREG_PREP, NREG_PRODUCER = 240, 232, 40
+# setmaxnreg budgets. The CTA holds 168 x 384 = 64512 registers from its launch, and an increase waits
+# until the pool has the registers: 128 x (chain + prep + producer) must stay <= 64512, i.e. the three
+# sum to <= 504 (as FlashAttention-3's 240 + 240 + 24), or the increase never returns.
+NREG_CHAIN, NREG_PREP, NREG_PRODUCER = 240, 224, 40
+assert NREG_CHAIN + NREG_PREP + NREG_PRODUCER <= 504
 
 
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True})
@@ -163,12 +167,13 @@ def forward_ws_kernel(
                 for ic in T.serial(n_chunks):
                     b = ic % 2
                     ph = (ic // 2) % 2
-                    T.barrier_wait(ready[b], ph)
+                    # The bf16 copy of S needs nothing of chunk ic: made before waiting for it.
                     T.copy(S, S_s)
                     T.fence_proxy_async()
                     T.sync_threads(1, 128)
                     if save_states:
                         T.copy(S_s, states[c_beg + ic, hv, :, vcol0:vcol0 + BV])
+                    T.barrier_wait(ready[b], ph)
                     T.wgmma_gemm(A_s[b, :, :], V_s[b, :, :], Vd_f, clear_accum=True)
                     T.wgmma_gemm(Wn_s[b, :, :], S_s, Vd_f)
                     if out:
