@@ -1,29 +1,16 @@
-"""Run a test body on N CPU ranks with real gloo process groups (torch.multiprocessing spawn)."""
+"""run_on_ranks for the layer tests: every rank first patches megatron-core for a CPU-only torch."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-import torch.multiprocessing as mp
+from ..spawn import run_on_ranks as _run_on_ranks
 
 
-def _entry(rank, world_size, init_file, fn, args):
-    from .mcore_setup import init_gloo
+def _with_megatron(rank, world_size, fn, *args):
+    from . import mcore_setup  # noqa: F401  (enable_megatron_on_cpu at import, in this process)
 
-    init_gloo(rank, world_size, init_file)
     fn(rank, world_size, *args)
 
 
 def run_on_ranks(world_size: int, fn, *args) -> None:
     """fn(rank, world_size, *args) on every rank; a failure on any rank fails the caller."""
-    fd, init_file = tempfile.mkstemp(prefix="qla_gloo_")
-    os.close(fd)
-    os.remove(init_file)  # the file store creates it
-    # Each rank is one process: one thread each keeps 4 ranks from fighting over 2 cores.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        mp.spawn(_entry, args=(world_size, init_file, fn, args), nprocs=world_size, join=True)
-    finally:
-        if os.path.exists(init_file):
-            os.remove(init_file)
+    _run_on_ranks(world_size, _with_megatron, fn, *args)

@@ -1,0 +1,104 @@
+"""Cross-GPU context parallelism for the gated delta rule, by passing segment states between ranks.
+
+Each rank holds one segment of every sequence ("contiguous") or two ("zigzag", Megatron's layout).
+It summarises its segments, S_end = M S_start + S_ext (ops.segment_summary), all-gathers the
+summaries (fp32, H K (K + V) per segment: independent of the sequence length), composes the start
+state of each of its segments in global order, and runs its segments from those starts. This is the
+same mechanism as intra-card context parallelism (ops.segmented_chunk_gated_delta_rule), with ranks
+in place of segments. Differentiable: the gradient of a start state flows back through the gathered
+summaries to the ranks that made them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from qla_megatron.ops import chunk_gated_delta_rule, compose_segments, segment_summary
+from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
+
+from .collectives import all_gather_stacked
+from .layouts import check_layout, global_segments
+
+
+def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
+                              cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto"):
+    """Gated delta rule over a sequence split across the ranks of `cp_group`.
+
+    Args:
+        q, k [B, T_local, H, K]; v [B, T_local, HV, V]; g, beta [B, T_local, HV]: this rank's shard,
+            laid out as `layout` says (qla_megatron.parallel.layouts; every rank holds T_local tokens).
+        cp_group: the context-parallel process group (default: the whole world).
+        layout: "contiguous" or "zigzag".
+        cu_seqlens: int64 [N + 1] offsets of packed sequences in the *global* stream of cp * T_local
+            tokens (B must be 1; contiguous layout), the same on every rank. A sequence that crosses a
+            rank boundary carries its state across it; others start from zero.
+        scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
+            runs; the summaries run on the torch backend for now).
+
+    Returns:
+        o [B, T_local, HV, V], this rank's output, equal to the matching slice of the single-GPU result.
+    """
+    check_layout(layout)
+    check_inputs(q, k, v, g, beta, scale)
+    cp = dist.get_world_size(cp_group)
+    rank = dist.get_rank(cp_group)
+    B, T = k.shape[:2]
+    if cu_seqlens is not None:
+        if layout != "contiguous":
+            raise ValueError(f"cu_seqlens is supported with layout='contiguous' only, got layout={layout!r}")
+        check_cu_seqlens(cu_seqlens, B, cp * T)
+    if layout == "zigzag" and T % 2:
+        raise ValueError(f"layout='zigzag' needs an even local length (two equal halves), got T_local={T}")
+    kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    if cu_seqlens is not None:
+        return _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
+
+    # One sequence per batch row, crossing every rank: the local segments in global order.
+    local = global_segments(layout, cp, rank)
+    pieces = [slice(i * T // len(local), (i + 1) * T // len(local)) for i in range(len(local))]
+    summaries = torch.stack([_summary(k[:, p], v[:, p], g[:, p], beta[:, p], kw) for p in pieces])
+    gathered = all_gather_stacked(summaries, cp_group)           # [cp, n_local, B, HV, K, K + V]
+    order = {gi: (r, i) for r in range(cp) for i, gi in enumerate(global_segments(layout, cp, r))}
+    ordered = torch.stack([gathered[order[gi]] for gi in range(len(order))])
+    K = k.shape[-1]
+    starts, _ = compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))
+    outs = [chunk_gated_delta_rule(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], initial_state=starts[gi],
+                                   backend=backend, **kw)[0] for p, gi in zip(pieces, local)]
+    return torch.cat(outs, dim=1)
+
+
+def _connected_zero(x):
+    """Zeros that stay in the autograd graph of x. Every rank must run the all-gather's backward (an
+    all-reduce), also a rank whose output does not depend on any gathered summary."""
+    return x * 0
+
+
+def _summary(k, v, g, beta, kw):
+    """[B, HV, K, K + V]: transition M and state_from_zero S_ext side by side."""
+    ext, M = segment_summary(k, v, g, beta, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
+    return torch.cat([M, ext], dim=-1)
+
+
+def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
+    """Packed sequences (B = 1) in the contiguous layout. A rank passes on the state of its last
+    piece; its transition passes the incoming state through only if that piece spans the whole shard
+    and continues a sequence from before (otherwise M = 0: the sequence started on this rank)."""
+    T = k.shape[1]
+    start, end = rank * T, (rank + 1) * T
+    bounds = cu_seqlens.tolist()
+    local = sorted({start, end} | {b for b in bounds if start < b < end})
+    local_cu = torch.tensor([b - start for b in local], dtype=torch.int64, device=k.device)
+    continues = start not in bounds
+    last = local[-2] - start
+    summary = _summary(k[:, last:], v[:, last:], g[:, last:], beta[:, last:], kw)  # [1, HV, K, K + V]
+    K = k.shape[-1]
+    if not (continues and last == 0):
+        summary = torch.cat([torch.zeros_like(summary[..., :K]), summary[..., K:]], dim=-1)
+    gathered = all_gather_stacked(summary, group)[:, 0]             # [cp, HV, K, K + V]
+    starts, _ = compose_segments(gathered[..., K:], gathered[..., :K], start=_connected_zero(gathered[0, ..., K:]))
+    n_local = len(local) - 1
+    first = starts[rank] if continues else _connected_zero(starts[rank])
+    h0 = torch.cat([first[None], starts.new_zeros((n_local - 1,) + tuple(starts.shape[1:]))])
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
+    return o

@@ -1,0 +1,43 @@
+"""How a sequence is laid out over context-parallel ranks.
+
+"contiguous": rank r holds tokens [r T/cp, (r + 1) T/cp).
+"zigzag" (Megatron's load-balanced layout for causal attention): the sequence is cut into 2 cp equal
+chunks and rank r holds chunks r and 2 cp - 1 - r, in that order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def global_segments(layout: str, cp: int, rank: int) -> list[int]:
+    """Global indices (in sequence order) of the segments rank `rank` holds, in local order."""
+    check_layout(layout)
+    return [rank] if layout == "contiguous" else [rank, 2 * cp - 1 - rank]
+
+
+def shard(x: torch.Tensor, layout: str, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's part of a full-sequence tensor (dim = the sequence dim)."""
+    pieces = x.chunk(len(global_segments(layout, cp, 0)) * cp, dim=dim)
+    if len({p.shape[dim] for p in pieces}) != 1 or len(pieces) != len(global_segments(layout, cp, 0)) * cp:
+        raise ValueError(f"sequence length {x.shape[dim]} must divide into "
+                         f"{len(global_segments(layout, cp, 0)) * cp} equal pieces for layout {layout!r}, cp={cp}")
+    return torch.cat([pieces[i] for i in global_segments(layout, cp, rank)], dim=dim)
+
+
+def unshard(parts: list, layout: str, dim: int = 1) -> torch.Tensor:
+    """Inverse of `shard`: the full-sequence tensor from every rank's part (in rank order)."""
+    cp = len(parts)
+    n = len(global_segments(layout, cp, 0))
+    ordered = [None] * (n * cp)
+    for r, part in enumerate(parts):
+        for piece, gi in zip(part.chunk(n, dim=dim), global_segments(layout, cp, r)):
+            ordered[gi] = piece
+    return torch.cat(ordered, dim=dim)

@@ -1,0 +1,29 @@
+"""Run a test body on N CPU ranks with real gloo process groups (torch.multiprocessing spawn)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world_size, init_file, fn, args):
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    fn(rank, world_size, *args)
+
+
+def run_on_ranks(world_size: int, fn, *args) -> None:
+    """fn(rank, world_size, *args) on every rank; a failure on any rank fails the caller."""
+    fd, init_file = tempfile.mkstemp(prefix="qla_gloo_")
+    os.close(fd)
+    os.remove(init_file)  # the file store creates it
+    # Each rank is one process: one thread each keeps 4 ranks from fighting over 2 cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        mp.spawn(_entry, args=(world_size, init_file, fn, args), nprocs=world_size, join=True)
+    finally:
+        if os.path.exists(init_file):
+            os.remove(init_file)
