@@ -8,7 +8,9 @@ q, k, v, o, g, beta moved once; FLOPs = the chunked algorithm's matrix products 
     source .gpu/env.sh && python benchmarks/bench_ops.py --out benchmarks/results/ops_forward_h100
 
 Options: --configs 8/2,16/4 (v-heads/qk-heads), --lengths 1x8192,varlen, --peers fla,flashqla,
---flashqla-configs 32/16,8/2 (FlashQLA compiles for minutes per new shape; others are marked not run).
+--flashqla-configs 32/16,8/2 (FlashQLA compiles for minutes per new shape; others are marked not run),
+--forward fused,ws: our forward kernel variants (hopper/chunk.py), each timed in the same run: "ours" is
+the default (fused) kernel, "ours-ws" the hand warp-specialized one (err = its rel. L2 vs ours).
 """
 
 import argparse
@@ -68,10 +70,15 @@ def floor_ms(tokens, H, HV, bw, rate):
     return max(bytes_ / bw, flops / rate) * 1e3, bytes_ / bw * 1e3, flops / rate * 1e3
 
 
-def runners(peers):
-    out = {"ours": lambda q, k, v, g, b, cu: chunk_gated_delta_rule(
+FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
+OURS = {"fused": "ours", "ws": "ours-ws"}     # forward variant -> runner name
+
+
+def runners(peers, variants=("fused",)):
+    ours = lambda q, k, v, g, b, cu: chunk_gated_delta_rule(
         q, k, v, g, b, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
-        backend="tilelang")}
+        backend="tilelang")
+    out = {OURS[v]: ours for v in variants}     # the variant is set in the environment per runner
     versions = {}
     if "fla" in peers:
         try:
@@ -101,10 +108,16 @@ def main():
     ap.add_argument("--peers", default="fla,flashqla")
     ap.add_argument("--flashqla-configs", default="32/16,8/2")
     ap.add_argument("--out", default=None, help="path prefix for the .md table and .png plot")
+    ap.add_argument("--forward", default="fused", help="our forward variants to time: fused, ws or fused,ws")
     args = ap.parse_args()
+    variants = args.forward.split(",")
+    for v in variants:
+        if v not in OURS:
+            raise ValueError(f"--forward {v!r}: choose from {sorted(OURS)}")
     torch.backends.cuda.matmul.allow_tf32 = False
     bw, rate = ceilings()
-    fns, versions = runners(args.peers.split(",") if args.peers != "none" else [])
+    fns, versions = runners(args.peers.split(",") if args.peers != "none" else [], variants)
+    variant_of = {name: v for v, name in OURS.items()}
     fq_ok = set(args.flashqla_configs.split(",")) if args.flashqla_configs else set()
     card = torch.cuda.get_device_name()
     print(f"card {card}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; {versions}", flush=True)
@@ -124,6 +137,8 @@ def main():
             for name, fn in fns.items():
                 if name == "flashqla" and cfg not in fq_ok:
                     continue
+                if name in variant_of:     # read by the op on every call
+                    os.environ[FORWARD_ENV] = variant_of[name]
                 try:
                     t0 = time.time()
                     o, s = fn(q, k, v, g, beta, cu)
@@ -143,7 +158,8 @@ def main():
                        **{f"err_{n}": e for n, e in errs.items()})
             rows.append(row)
             fmt = lambda n: f"{times[n]:.3f}" if n in times else "-"
-            print(f"{cfg:>6} {shape:>9}  ours {fmt('ours')}  fla {fmt('fla')}  flashqla {fmt('flashqla')}  "
+            ws_txt = f"  ours-ws {fmt('ours-ws')}" if "ours-ws" in fns else ""
+            print(f"{cfg:>6} {shape:>9}  ours {fmt('ours')}{ws_txt}  fla {fmt('fla')}  flashqla {fmt('flashqla')}  "
                   f"floor {fl:.3f}  errs {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}", flush=True)
             del q, k, v, g, beta
             if args.out:   # after every row, so a cut-off run still leaves its table
@@ -163,12 +179,19 @@ def write(prefix, rows, card, versions, bw, rate):
              "err = rel. L2 of o vs ours. '-' = not run.", "",
              "| v/qk heads | tokens | ours | FLA | FlashQLA | floor (bytes, flops) | ours/floor | FLA/ours | FlashQLA/ours |",
              "|---|---|---|---|---|---|---|---|---|"]
+    has_ws = any("ours-ws" in r for r in rows)
+    if has_ws:   # the ws variant's columns at the end
+        lines[-2] += " ours-ws | ours/ours-ws | FlashQLA/ours-ws | err ours-ws |"
+        lines[-1] += "---|---|---|---|"
     f = lambda r, n: f"{r[n]:.3f}" if n in r else "-"
     ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
     for r in rows:
         lines.append(f"| {r['cfg']} | {r['shape']} | {f(r, 'ours')} | {f(r, 'fla')} | {f(r, 'flashqla')} | "
                      f"{r['floor']:.3f} ({r['floor_bytes']:.3f}, {r['floor_flops']:.3f}) | "
-                     f"{ratio(r, 'ours', 'floor')} | {ratio(r, 'fla', 'ours')} | {ratio(r, 'flashqla', 'ours')} |")
+                     f"{ratio(r, 'ours', 'floor')} | {ratio(r, 'fla', 'ours')} | {ratio(r, 'flashqla', 'ours')} |"
+                     + (f" {f(r, 'ours-ws')} | {ratio(r, 'ours', 'ours-ws')} | {ratio(r, 'flashqla', 'ours-ws')} | "
+                        f"{r['err_ours-ws']:.1e} |" if has_ws and 'err_ours-ws' in r else
+                        (" - | - | - | - |" if has_ws else "")))
     open(prefix + ".md", "w").write("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -177,8 +200,11 @@ def write(prefix, rows, card, versions, bw, rate):
         labels = [f"{r['cfg']}\n{r['shape']}" for r in rows]
         fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.45), 5))
         xs = range(len(rows))
-        for i, (n, c) in enumerate((("ours", "C0"), ("fla", "C1"), ("flashqla", "C2"), ("floor", "k"))):
-            ax.bar([x + (i - 1.5) * 0.2 for x in xs], [r.get(n, 0) for r in rows], 0.2, label=n, color=c)
+        bars = (("ours", "C0"), ("ours-ws", "C3"), ("fla", "C1"), ("flashqla", "C2"), ("floor", "k"))
+        bars = [bc for bc in bars if bc[0] != "ours-ws" or has_ws]
+        w = 0.8 / len(bars)
+        for i, (n, c) in enumerate(bars):
+            ax.bar([x + (i - (len(bars) - 1) / 2) * w for x in xs], [r.get(n, 0) for r in rows], w, label=n, color=c)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=6, rotation=90)
         ax.set_yscale("log")
