@@ -27,6 +27,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from qla_megatron.ops import chunk_gated_delta_rule
+from qla_megatron.parallel import cp_causal_depthwise_conv1d, cp_chunk_gated_delta_rule
+from qla_megatron.parallel.layouts import check_layout
 
 from .checkpoint import gdn_sharded_state_dict
 from .config import gdn_sizes
@@ -52,19 +54,23 @@ class GatedDeltaNet(MegatronModule):
         pg_collection: ProcessGroupCollection with `tp` and `cp` (required).
         name: module name, passed to the linear layers.
         cp_comm_type: accepted for TransformerLayer compatibility, unused.
+        cp_layout: how the sequence is split over pg_collection.cp ranks, "zigzag" (what Megatron's
+            GPT batches use with context parallelism) or "contiguous".
         backend: backend of chunk_gated_delta_rule ("auto", "torch", "tilelang", "fla").
 
-    Context parallelism: the two methods `causal_conv` and `gated_delta_rule` are the only places
-    that see a sequence boundary; everything else is per token. The cross-GPU CP issue plugs in
-    there (conv halo of kernel-1 tokens from the previous segment, and state passing over
-    pg_collection.cp); until then cp_size > 1 raises ValueError.
+    Context parallelism (pg_collection.cp of size > 1): each rank holds its shard of the sequence in
+    `cp_layout`; the causal conv takes its halo of kernel-1 tokens from the rank before, and the
+    delta rule starts each local segment from the state its predecessors pass
+    (qla_megatron.parallel): no all-to-all of activations, no limit from the head count. Only
+    `causal_conv` and `gated_delta_rule` see sequence boundaries. Packed sequences with CP are not
+    supported yet (ValueError).
     """
 
     def __init__(self, config, submodules: GatedDeltaNetSubmodules, layer_number: Optional[int] = None,
                  bias: bool = False, conv_bias: bool = False, conv_init: Optional[float] = None,
                  use_qk_l2norm: bool = True, A_init_range: tuple[float, float] = (1, 16),
                  pg_collection=None, *, name: Optional[str] = None, cp_comm_type: Optional[str] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", cp_layout: str = "zigzag"):
         super().__init__(config)
         if pg_collection is None or not hasattr(pg_collection, "tp") or not hasattr(pg_collection, "cp"):
             raise ValueError(f"pg_collection must be a ProcessGroupCollection with tp and cp groups, "
@@ -81,6 +87,8 @@ class GatedDeltaNet(MegatronModule):
         self.use_qk_l2norm = use_qk_l2norm
         self.A_init_range = (low, high)
         self.backend = backend
+        check_layout(cp_layout)
+        self.cp_layout = cp_layout
         # Selective recompute of the gated out_norm (Megatron's "gdn_norm_out"): its output, the
         # out_proj input, is freed after the forward and recomputed when out_proj's gradient arrives.
         self.recompute_norm_out = (config.recompute_granularity == "selective"
@@ -192,12 +200,22 @@ class GatedDeltaNet(MegatronModule):
 
     def causal_conv(self, qkv: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """Depthwise causal conv over [b, s, conv_dim_local_tp]; packed sequences kept apart.
-        CP seam: a CP rank needs the kernel-1 tokens before its shard (conv halo) here."""
-        return causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
+        Under CP, the kernel-1 tokens before each local segment come from their owner (conv halo)."""
+        if self.cp_size == 1:
+            return causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
+        if cu_seqlens is not None:
+            raise ValueError(f"packed sequences (packed_seq_params) with context parallelism "
+                             f"(cp_size={self.cp_size}) are not supported by GatedDeltaNet yet")
+        return cp_causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias,
+                                          cp_group=self.pg_collection.cp, layout=self.cp_layout)
 
     def gated_delta_rule(self, q, k, v, g, beta, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """q, k [b, s, hk, K], v [b, s, hv, V], g, beta [b, s, hv] -> o [b, s, hv, V].
-        CP seam: a CP rank starts from the state its predecessors pass (qla_megatron.parallel)."""
+        Under CP, each local segment starts from the state its predecessors pass."""
+        if self.cp_size > 1:
+            return cp_chunk_gated_delta_rule(q, k, v, g, beta, cp_group=self.pg_collection.cp,
+                                             layout=self.cp_layout, use_qk_l2norm_in_kernel=self.use_qk_l2norm,
+                                             backend=self.backend)
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens,
                                       use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
         return o

@@ -26,7 +26,7 @@ class Cfg:
                  r"linear_num_value_heads \(6\) must be a multiple of config.linear_num_key_heads \(4\)", id="hv-not-multiple"),
     pytest.param(dict(linear_num_key_heads=2, linear_num_value_heads=6), 4, 1,
                  r"linear_num_key_heads \(2\) must be divisible by the tensor-parallel size \(tp_size=4\)", id="hk-tp"),
-    pytest.param(dict(), 1, 2, r"context parallelism \(cp_size=2\)", id="cp"),
+    pytest.param(dict(), 1, 0, r"cp_size must be a positive int, got 0", id="cp0"),
     pytest.param(dict(linear_conv_kernel_dim=None), 1, 1, r"config.linear_conv_kernel_dim must be a positive int", id="no-conv"),
     pytest.param(dict(linear_key_head_dim=0), 1, 1, r"config.linear_key_head_dim must be a positive int for GatedDeltaNet, got 0", id="K0"),
     pytest.param(dict(activation_func=F.gelu), 1, 1, r"config.activation_func must be torch.nn.functional.silu.*got gelu", id="gelu"),
