@@ -50,6 +50,7 @@ def ptxas_report(src: str, keep_as: str = None):
                "-I" + env.TILELANG_TEMPLATE_PATH, "-I" + env.CUTLASS_INCLUDE_DIR, cu, "-o",
                os.path.join(d, "k.cubin")]
         out = subprocess.run(cmd, capture_output=True, text=True)
+        roles = role_registers(os.path.join(d, "k.cubin")) if out.returncode == 0 else {}
     log = out.stdout + out.stderr
     if out.returncode:
         raise RuntimeError(log[-3000:])
@@ -57,7 +58,31 @@ def ptxas_report(src: str, keep_as: str = None):
     st, ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     bars = re.search(r"used (\d+) barriers", log)
     warn = "C7508" in log or "setmaxnreg" in log and "ignored" in log
-    return regs, st, ld, int(bars.group(1)) if bars else 0, warn
+    return regs, st, ld, int(bars.group(1)) if bars else 0, warn, roles
+
+
+def role_registers(cubin: str):
+    """Highest register index + 1 in the SASS after each setmaxnreg (USETMAXREG), keyed by its
+    operand, e.g. {"entry": 36, "DEALLOC 0x28": 38, "TRY_ALLOC 0xf0": 152}. Approximate: code is
+    attributed to the last USETMAXREG above it in the listing. Needs Triton's cuobjdump."""
+    import shutil
+    try:
+        import triton
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:
+        tool = None
+    tool = tool if tool and os.path.exists(tool) else shutil.which("cuobjdump")
+    if not tool:
+        return {}
+    sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    name, mx = "entry", {}
+    for line in sass.splitlines():
+        if "USETMAXREG" in line:
+            op = line.split("USETMAXREG")[1].split(";")[0].replace(".CTAPOOL", "").replace("UP0,", "")
+            name = " ".join(op.replace(".", "").split())
+        for r in re.findall(r"\bR(\d+)\b", line):
+            mx[name] = max(mx.get(name, 0), int(r) + 1)
+    return mx
 
 
 def dynamic_smem(host_src: str, threads: int):
@@ -109,12 +134,14 @@ def main():
             dt = time.time() - t
             tag = f"{args.kernel}_H{H}_HV{HV}_" + "_".join(f"{k}{int(v)}" for k, v in kw.items())
             keep = os.path.join(args.keep, tag + ".cu") if args.keep else None
-            regs, st, ld, bars, warn = ptxas_report(kern.get_kernel_source(), keep)
+            regs, st, ld, bars, warn, roles = ptxas_report(kern.get_kernel_source(), keep)
             m = re.search(r"__launch_bounds__\((\d+)", kern.get_kernel_source())
             smem = dynamic_smem(kern.get_host_source(), int(m.group(1))) if m else None
             rows.append((tag, dt, regs, st, ld, bars, smem, warn))
             print(f"{tag}: compile {dt:.1f} s; {regs} regs/thread, spill st/ld {st}/{ld} B, {bars} named "
-                  f"barriers, dynamic smem {smem} B{'; setmaxnreg IGNORED' if warn else ''}", flush=True)
+                  f"barriers, dynamic smem {smem} B{'; setmaxnreg IGNORED' if warn else ''}"
+                  + (f"; registers used per role (SASS, after setmaxnreg): {roles}" if len(roles) > 1 else ""),
+                  flush=True)
     return rows
 
 
