@@ -43,8 +43,11 @@ mbarriers (shared), slot / buffer b = chunk % 2, phase parity (chunk // 2) & 1:
 The prep warpgroup reuses slot b only after loaded[b] fires again, which the load thread allows only
 after free[b], i.e. after the chain is done with the chunk that slot held: so prep runs at most one
 chunk ahead of the chain. Named barriers (bar.sync id, 128) order shared-memory writes inside one
-warpgroup before its own wgmma: id 1 chain, id 2 prep. Every generic write to shared memory that a
-wgmma reads next is followed by fence.proxy.async in the writing thread.
+warpgroup before its own wgmma: id 1 chain, id 2 prep; TileLang's storage-sync pass adds its own
+128-thread ones inside the branches (ids 3 chain, 4 prep, seen in the generated source: 5 per chunk on
+the chain, 4 on prep). Every generic write to shared memory that a wgmma reads next is followed by
+fence.proxy.async in the writing thread. Registers used (SASS, CPU compile): producer 38, prep ~180,
+chain ~157, no spills; 194 KB of dynamic shared memory (benchmarks/results/ops_forward_ws_cpu.md).
 
 Summary mode (intra-card CP): state [M | S_ext] as in forward.py; no q, o, P, Qg; the programs whose
 columns fall in M load no v: their V slots are zeroed once by the chain and never written again.
