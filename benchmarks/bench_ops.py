@@ -169,7 +169,7 @@ def main():
 def write(prefix, rows, card, versions, bw, rate):
     import tilelang
     cmd = "source .gpu/env.sh && python " + " ".join(sys.argv)
-    lines = [f"# Forward time, ms (median, triton do_bench)", "",
+    lines = ["# Forward time, ms (median, triton do_bench)", "",
              f"Card: {card}. torch {torch.__version__}, tilelang {tilelang.__version__}, "
              + ", ".join(f"{k} {v}" for k, v in versions.items())
              + f". Measured ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s.", "",

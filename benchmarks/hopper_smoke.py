@@ -8,7 +8,6 @@ measured and whose kernels are precompiled; with --breakdown, each variant is ti
 """
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

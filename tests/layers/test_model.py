@@ -3,7 +3,6 @@ and dist checkpoints saved at TP = 2, loaded at TP = 1 and back with the same ou
 
 import os
 
-import pytest
 import torch
 
 from .spawn import run_on_ranks
