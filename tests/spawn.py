@@ -13,6 +13,10 @@ def _entry(rank, world_size, init_file, fn, args):
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     fn(rank, world_size, *args)
+    # Leave together and close the group: a gloo group torn down by interpreter exit while a peer
+    # still talks to it can abort the process ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_on_ranks(world_size: int, fn, *args) -> None:

@@ -62,8 +62,8 @@ class GatedDeltaNet(MegatronModule):
     `cp_layout`; the causal conv takes its halo of kernel-1 tokens from the rank before, and the
     delta rule starts each local segment from the state its predecessors pass
     (qla_megatron.parallel): no all-to-all of activations, no limit from the head count. Only
-    `causal_conv` and `gated_delta_rule` see sequence boundaries. Packed sequences with CP are not
-    supported yet (ValueError).
+    `causal_conv` and `gated_delta_rule` see sequence boundaries. Packed sequences with CP take
+    Megatron's THD layout (global cu_seqlens, every sequence split into 2 cp pieces, zigzag).
     """
 
     def __init__(self, config, submodules: GatedDeltaNetSubmodules, layer_number: Optional[int] = None,
@@ -203,19 +203,17 @@ class GatedDeltaNet(MegatronModule):
         Under CP, the kernel-1 tokens before each local segment come from their owner (conv halo)."""
         if self.cp_size == 1:
             return causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
-        if cu_seqlens is not None:
-            raise ValueError(f"packed sequences (packed_seq_params) with context parallelism "
-                             f"(cp_size={self.cp_size}) are not supported by GatedDeltaNet yet")
         return cp_causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias,
-                                          cp_group=self.pg_collection.cp, layout=self.cp_layout)
+                                          cp_group=self.pg_collection.cp, layout=self.cp_layout,
+                                          cu_seqlens=cu_seqlens)
 
     def gated_delta_rule(self, q, k, v, g, beta, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """q, k [b, s, hk, K], v [b, s, hv, V], g, beta [b, s, hv] -> o [b, s, hv, V].
         Under CP, each local segment starts from the state its predecessors pass."""
         if self.cp_size > 1:
             return cp_chunk_gated_delta_rule(q, k, v, g, beta, cp_group=self.pg_collection.cp,
-                                             layout=self.cp_layout, use_qk_l2norm_in_kernel=self.use_qk_l2norm,
-                                             backend=self.backend)
+                                             layout=self.cp_layout, cu_seqlens=cu_seqlens,
+                                             use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens,
                                       use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
         return o
@@ -246,9 +244,9 @@ class GatedDeltaNet(MegatronModule):
             raise ValueError(f"packed_seq_params: cu_seqlens_q ({cu_q.tolist()}) must equal "
                              f"cu_seqlens_kv ({cu_kv.tolist()}) for GatedDeltaNet")
         total = int(cu_q[-1])
-        if total != seq_len:
+        if total != seq_len * self.cp_size:  # with CP the offsets are global: cp_size shards of seq_len
             raise ValueError(f"packed_seq_params.cu_seqlens_q[-1]={total} must equal the number of "
-                             f"tokens in the (gathered) sequence, {seq_len}")
+                             f"tokens in the (gathered) sequence, {seq_len}, times cp_size={self.cp_size}")
         return cu_q.to(device=device, dtype=torch.int64)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):

@@ -1,5 +1,6 @@
-"""The short causal convolution of GDN under context parallelism: each local segment needs the
-W - 1 tokens before it (its halo), which another rank (or, in the zigzag layout, this one) holds."""
+"""The short causal convolution of GDN under context parallelism: each local piece of a sequence
+needs the W - 1 tokens before it (its halo), which another rank (or, in the zigzag layout, this one)
+holds."""
 
 from __future__ import annotations
 
@@ -11,34 +12,60 @@ from .collectives import all_gather_stacked
 from .layouts import check_layout, global_segments
 
 
+def _local_pieces(T: int, layout: str, cp: int, rank: int, cu_seqlens):
+    """This rank's pieces as (length, key of the piece before it in its sequence or None); a key is
+    (owner rank, piece index on that rank)."""
+    if cu_seqlens is None:
+        local = global_segments(layout, cp, rank)
+        if T % len(local):
+            raise ValueError(f"layout={layout!r} needs T_local divisible by {len(local)}, got T_local={T}")
+        owner = {gi: (r, i) for r in range(cp) for i, gi in enumerate(global_segments(layout, cp, r))}
+        return [(T // len(local), owner.get(gi - 1)) for gi in local]
+    if layout != "zigzag":
+        raise ValueError("the CP conv supports cu_seqlens with layout='zigzag' (Megatron's THD layout) only, "
+                         f"got layout={layout!r}")
+    from .cp import zigzag_piece_lengths
+
+    out = []
+    for j, length in enumerate(zigzag_piece_lengths(cu_seqlens, cp)):
+        n, slot = divmod(j, 2)
+        gi = rank if slot == 0 else 2 * cp - 1 - rank
+        prev = None
+        if gi > 0:
+            owner, prev_slot = (gi - 1, 0) if gi - 1 < cp else (2 * cp - 1 - (gi - 1), 1)
+            prev = (owner, 2 * n + prev_slot)
+        out.append((length, prev))
+    return out
+
+
 def cp_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, cp_group=None,
-                               layout: str = "contiguous") -> torch.Tensor:
-    """This rank's slice of the causal depthwise conv of the whole sequence.
+                               layout: str = "contiguous", cu_seqlens=None) -> torch.Tensor:
+    """This rank's slice of the causal depthwise conv of the whole sequence(s).
 
     Args:
         x: [B, T_local, D], this rank's shard in `layout` (see layouts.py).
         weight: [D, 1, W] (nn.Conv1d(groups=D) weight); bias: [D] or None.
+        cu_seqlens: global offsets of packed sequences (B = 1; zigzag layout only), as in
+            cp_chunk_gated_delta_rule.
     Returns:
-        [B, T_local, D]. Every rank all-gathers the last W - 1 tokens of each of its segments (a few
-        KB), then convolves [halo | segment]; the first segment of the sequence gets zeros.
+        [B, T_local, D]. Every rank all-gathers the last W - 1 tokens of each of its pieces (a few KB
+        per piece), then convolves [halo | piece]; the first piece of a sequence gets zeros.
     """
     check_layout(layout)
     cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     B, T, D = x.shape
     W = weight.shape[-1]
-    local = global_segments(layout, cp, rank)
-    seg_len = T // len(local)
-    if T % len(local) or seg_len < W - 1:
-        raise ValueError(f"each local segment needs >= W - 1 = {W - 1} tokens (and equal halves for zigzag); "
-                         f"got T_local={T} for layout {layout!r}")
-    pieces = x.split(seg_len, dim=1)
-    tails = torch.stack([p[:, seg_len - (W - 1):] for p in pieces])         # [n_local, B, W - 1, D]
-    gathered = all_gather_stacked(tails, cp_group)                         # [cp, n_local, B, W - 1, D]
-    owner = {gi: (r, i) for r in range(cp) for i, gi in enumerate(global_segments(layout, cp, r))}
+    pieces = _local_pieces(T, layout, cp, rank, cu_seqlens)
+    if any(length < W - 1 for length, _ in pieces):
+        raise ValueError(f"every local piece needs >= W - 1 = {W - 1} tokens for its conv halo, got piece "
+                         f"lengths {sorted({length for length, _ in pieces})}")
+    parts = x.split([length for length, _ in pieces], dim=1)
+    tails = torch.stack([p[:, p.shape[1] - (W - 1):] for p in parts])       # [n_pieces, B, W - 1, D]
+    gathered = all_gather_stacked(tails, cp_group)                         # [cp, n_pieces, B, W - 1, D]
     outs = []
-    for piece, gi in zip(pieces, local):
-        # zeros before the sequence, kept in the graph so that every rank joins the backward all-reduce
-        halo = gathered[owner[gi - 1]] if gi > 0 else gathered[owner[0]] * 0
-        with_halo = torch.cat([halo, piece], dim=1).transpose(1, 2)         # [B, D, W - 1 + seg_len]
+    for part, (_, prev) in zip(parts, pieces):
+        # zeros before a sequence, kept in the graph so that every rank joins the backward all-reduce
+        halo = gathered[prev] if prev is not None else gathered[0, 0] * 0
+        with_halo = torch.cat([halo, part], dim=1).transpose(1, 2)          # [B, D, W - 1 + length]
         outs.append(F.conv1d(with_halo, weight, bias, groups=D).transpose(1, 2))
     return torch.cat(outs, dim=1)

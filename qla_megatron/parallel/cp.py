@@ -31,8 +31,11 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
         cp_group: the context-parallel process group (default: the whole world).
         layout: "contiguous" or "zigzag".
         cu_seqlens: int64 [N + 1] offsets of packed sequences in the *global* stream of cp * T_local
-            tokens (B must be 1; contiguous layout), the same on every rank. A sequence that crosses a
-            rank boundary carries its state across it; others start from zero.
+            tokens (B must be 1), the same on every rank. "contiguous": the global stream is cut into
+            cp equal shards; a sequence that crosses a rank boundary carries its state across it.
+            "zigzag" (Megatron's THD layout with CP): every sequence, its length a multiple of 2 cp,
+            is cut into 2 cp equal segments and rank r holds segments r and 2 cp - 1 - r of each,
+            sequence after sequence.
         scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
             runs; the summaries run on the torch backend for now).
 
@@ -45,12 +48,12 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
     rank = dist.get_rank(cp_group)
     B, T = k.shape[:2]
     if cu_seqlens is not None:
-        if layout != "contiguous":
-            raise ValueError(f"cu_seqlens is supported with layout='contiguous' only, got layout={layout!r}")
         check_cu_seqlens(cu_seqlens, B, cp * T)
-    if layout == "zigzag" and T % 2:
+    elif layout == "zigzag" and T % 2:
         raise ValueError(f"layout='zigzag' needs an even local length (two equal halves), got T_local={T}")
     kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    if cu_seqlens is not None and layout == "zigzag":
+        return _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
     if cu_seqlens is not None:
         return _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
 
@@ -100,5 +103,39 @@ def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, k
     n_local = len(local) - 1
     first = starts[rank] if continues else _connected_zero(starts[rank])
     h0 = torch.cat([first[None], starts.new_zeros((n_local - 1,) + tuple(starts.shape[1:]))])
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
+    return o
+
+
+def zigzag_piece_lengths(cu_seqlens, cp: int) -> list[int]:
+    """Lengths of a rank's local pieces in the zigzag THD layout: two per sequence, L_n / (2 cp) each."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bad = [L for L in lens if L % (2 * cp)]
+    if bad:
+        raise ValueError(f"layout='zigzag' with cu_seqlens needs every sequence length to be a multiple of "
+                         f"2 * cp = {2 * cp} (Megatron pads them so), got lengths {bad}")
+    return [L // (2 * cp) for L in lens for _ in range(2)]
+
+
+def _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
+    """Packed sequences (B = 1) in the zigzag layout: local pieces (n, r) and (n, 2 cp - 1 - r) of
+    every sequence n. Summaries of all local pieces in one varlen call; composition per sequence over
+    its 2 cp segments, all sequences at once."""
+    pieces = zigzag_piece_lengths(cu_seqlens, cp)
+    local_cu = torch.tensor([0] + pieces, dtype=torch.int64, device=k.device).cumsum(0)
+    if int(local_cu[-1]) != k.shape[1]:
+        raise ValueError(f"this rank holds T_local={k.shape[1]} tokens, but cu_seqlens implies "
+                         f"{int(local_cu[-1])} in the zigzag layout")
+    ext, M = segment_summary(k, v, g, beta, local_cu, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
+    gathered = all_gather_stacked(torch.cat([M, ext], dim=-1), group)      # [cp, 2N, HV, K, K + V]
+
+    def segment(gi):  # global segment gi of every sequence: [N, HV, K, K + V]
+        owner, slot = (gi, 0) if gi < cp else (2 * cp - 1 - gi, 1)
+        return gathered[owner, slot::2]
+
+    ordered = torch.stack([segment(gi) for gi in range(2 * cp)])           # [2 cp, N, HV, K, K + V]
+    K = k.shape[-1]
+    starts, _ = compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))
+    h0 = torch.stack([starts[rank], starts[2 * cp - 1 - rank]], dim=1).flatten(0, 1)   # [2N, HV, K, V]
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
     return o

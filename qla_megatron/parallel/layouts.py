@@ -23,8 +23,13 @@ def global_segments(layout: str, cp: int, rank: int) -> list[int]:
     return [rank] if layout == "contiguous" else [rank, 2 * cp - 1 - rank]
 
 
-def shard(x: torch.Tensor, layout: str, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
-    """This rank's part of a full-sequence tensor (dim = the sequence dim)."""
+def shard(x: torch.Tensor, layout: str, cp: int, rank: int, dim: int = 1, cu_seqlens=None) -> torch.Tensor:
+    """This rank's part of a full-sequence tensor (dim = the sequence dim). With cu_seqlens (packed
+    sequences) and the zigzag layout, every sequence is split on its own (Megatron's THD layout)."""
+    if cu_seqlens is not None and layout == "zigzag":
+        bounds = cu_seqlens.tolist()
+        return torch.cat([shard(x.narrow(dim, a, b - a), layout, cp, rank, dim)
+                          for a, b in zip(bounds[:-1], bounds[1:])], dim=dim)
     pieces = x.chunk(len(global_segments(layout, cp, 0)) * cp, dim=dim)
     if len({p.shape[dim] for p in pieces}) != 1 or len(pieces) != len(global_segments(layout, cp, 0)) * cp:
         raise ValueError(f"sequence length {x.shape[dim]} must divide into "

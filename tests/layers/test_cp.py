@@ -9,7 +9,7 @@ import torch.distributed as dist
 from .spawn import run_on_ranks
 
 
-def _cp_rank(rank, world, layout, T, seed):
+def _cp_rank(rank, world, layout, T, cu, seed):
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -29,23 +29,38 @@ def _cp_rank(rank, world, layout, T, seed):
     split.load_state_dict(whole.state_dict(), strict=True)
 
     torch.manual_seed(seed)  # the same full-sequence batch on every rank
-    x = torch.randn(T, 2, config.hidden_size, dtype=torch.float64)
-    dy = torch.randn(T, 2, config.hidden_size, dtype=torch.float64)
-    x_full = x.clone().requires_grad_(True)
-    (y_full, _), x_local = whole(x_full, None), shard(x, layout, world, rank, dim=0).requires_grad_(True)
-    (y_full * dy).sum().backward()
-    y_local, _ = split(x_local, None)
-    (y_local * shard(dy, layout, world, rank, dim=0)).sum().backward()
+    B = 1 if cu is not None else 2
+    packed = None
+    if cu is not None:
+        from megatron.core.packed_seq_params import PackedSeqParams
 
-    assert rel_err(y_local, shard(y_full, layout, world, rank, dim=0)) <= 1e-10
-    assert rel_err(x_local.grad, shard(x_full.grad, layout, world, rank, dim=0)) <= 1e-10
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t)
+    x = torch.randn(T, B, config.hidden_size, dtype=torch.float64)
+    dy = torch.randn(T, B, config.hidden_size, dtype=torch.float64)
+
+    def mine(t):
+        return shard(t, layout, world, rank, dim=0, cu_seqlens=torch.tensor(cu) if cu is not None else None)
+
+    x_full = x.clone().requires_grad_(True)
+    (y_full, _), x_local = whole(x_full, None, packed_seq_params=packed), mine(x).requires_grad_(True)
+    (y_full * dy).sum().backward()
+    y_local, _ = split(x_local, None, packed_seq_params=packed)
+    (y_local * mine(dy)).sum().backward()
+
+    assert rel_err(y_local, mine(y_full)) <= 1e-10
+    assert rel_err(x_local.grad, mine(x_full.grad)) <= 1e-10
     for (name, p), p_whole in zip(split.named_parameters(), whole.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad, group=pg_cp.cp)
         assert rel_err(grad, p_whole.grad) <= 1e-10, name
 
 
-@pytest.mark.parametrize("world,layout,T", [(2, "zigzag", 72), (2, "contiguous", 70), (4, "zigzag", 96)],
-                         ids=["cp2-zigzag", "cp2-contiguous", "cp4-zigzag"])
-def test_layer_cp_equals_whole_sequence(world, layout, T, fresh_seed):
-    run_on_ranks(world, _cp_rank, layout, T, fresh_seed)
+@pytest.mark.parametrize("world,layout,T,cu", [
+    pytest.param(2, "zigzag", 72, None, id="cp2-zigzag"),
+    pytest.param(2, "contiguous", 70, None, id="cp2-contiguous"),
+    pytest.param(4, "zigzag", 96, None, id="cp4-zigzag"),
+    pytest.param(2, "zigzag", 96, [0, 16, 80, 96], id="cp2-zigzag-packed-thd"),
+])
+def test_layer_cp_equals_whole_sequence(world, layout, T, cu, fresh_seed):
+    run_on_ranks(world, _cp_rank, layout, T, cu, fresh_seed)

@@ -21,12 +21,15 @@ def _check_rank(rank, world, layout, T_local, cu, seed):
     o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
     grads_ref = torch.autograd.grad((o_ref * do).sum(), full)
 
-    local = [shard(t.detach(), layout, world, rank).requires_grad_(True) for t in full]
+    def mine(t):
+        return shard(t, layout, world, rank, cu_seqlens=cu_t)
+
+    local = [mine(t.detach()).requires_grad_(True) for t in full]
     o = cp_chunk_gated_delta_rule(*local, layout=layout, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
-    assert rel(o, shard(o_ref, layout, world, rank)) <= 1e-10
-    (o * shard(do, layout, world, rank)).sum().backward()
+    assert rel(o, mine(o_ref)) <= 1e-10
+    (o * mine(do)).sum().backward()
     for name, t, ref in zip(("q", "k", "v", "g", "beta"), local, grads_ref):
-        assert rel(t.grad, shard(ref, layout, world, rank)) <= 1e-10, name
+        assert rel(t.grad, mine(ref)) <= 1e-10, name
 
 
 CASES = [
@@ -36,6 +39,9 @@ CASES = [
     pytest.param(4, "zigzag", 40, None, id="cp4-zigzag-T40"),
     # [5, 120) spans ranks 0, 1 (whole shard) and 2, ending at rank 3's first token
     pytest.param(4, "contiguous", 40, [0, 5, 120, 130, 160], id="cp4-varlen-crossing"),
+    # Megatron's THD layout: every sequence (a multiple of 2 cp) split into 2 cp pieces on its own
+    pytest.param(2, "zigzag", 80, [0, 8, 136, 160], id="cp2-zigzag-varlen"),
+    pytest.param(4, "zigzag", 70, [0, 200, 208, 280], id="cp4-zigzag-varlen"),
 ]
 
 
@@ -52,12 +58,51 @@ def _errors_rank(rank, world):
         cp_chunk_gated_delta_rule(q, k, v, g, beta, layout="zigzag")
     with pytest.raises(ValueError, match="cu_seqlens must end at T=66"):
         cp_chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 33]))
-    with pytest.raises(ValueError, match="layout='contiguous' only"):
-        cp_chunk_gated_delta_rule(q, k, v, g, beta, layout="zigzag", cu_seqlens=torch.tensor([0, 66]))
+    with pytest.raises(ValueError, match="multiple of 2 \\* cp = 4"):
+        cp_chunk_gated_delta_rule(q, k, v, g, beta, layout="zigzag", cu_seqlens=torch.tensor([0, 30, 66]))
 
 
 def test_cp_bad_inputs():
     run_on_ranks(2, _errors_rank)
+
+
+def _conv_rank(rank, world, layout, T_local, cu, seed):
+    import torch.nn.functional as F
+
+    from qla_megatron.parallel import cp_causal_depthwise_conv1d
+
+    torch.manual_seed(seed)
+    B = 1 if cu is not None else 2
+    cu_t = torch.tensor(cu) if cu is not None else None
+    x = torch.randn(B, world * T_local, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64)
+    bounds = cu if cu is not None else [0, world * T_local]
+    want = torch.cat([F.conv1d(x[:, a:b].transpose(1, 2), w, bias, padding=3, groups=6)[..., :b - a]
+                      for a, b in zip(bounds[:-1], bounds[1:])], dim=2).transpose(1, 2)
+    dy = torch.randn_like(want)
+    dx_ref, dw_ref = torch.autograd.grad((want * dy).sum(), (x, w))
+
+    def mine(t):
+        return shard(t, layout, world, rank, cu_seqlens=cu_t)
+
+    x_local = mine(x.detach()).requires_grad_(True)
+    w_local = w.detach().clone().requires_grad_(True)
+    y = cp_causal_depthwise_conv1d(x_local, w_local, bias, layout=layout, cu_seqlens=cu_t)
+    assert rel(y, mine(want)) <= 1e-12
+    (y * mine(dy)).sum().backward()
+    assert rel(x_local.grad, mine(dx_ref)) <= 1e-12
+    torch.distributed.all_reduce(w_local.grad)  # weights are shared: their gradient sums over ranks
+    assert rel(w_local.grad, dw_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("world,layout,T_local,cu", [
+    pytest.param(2, "contiguous", 20, None, id="cp2-contiguous"),
+    pytest.param(4, "zigzag", 16, None, id="cp4-zigzag"),
+    pytest.param(2, "zigzag", 40, [0, 16, 80], id="cp2-zigzag-varlen"),
+])
+def test_cp_conv_equals_single_process(world, layout, T_local, cu, fresh_seed):
+    run_on_ranks(world, _conv_rank, layout, T_local, cu, fresh_seed)
 
 
 def test_layout_shard_roundtrip():
