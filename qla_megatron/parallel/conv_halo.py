@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .collectives import all_gather_stacked
-from .layouts import check_layout, global_segments
+from .layouts import check_layout, global_segments, zigzag_owner
 
 
 def _local_pieces(T: int, layout: str, cp: int, rank: int, cu_seqlens):
@@ -32,7 +32,7 @@ def _local_pieces(T: int, layout: str, cp: int, rank: int, cu_seqlens):
         gi = rank if slot == 0 else 2 * cp - 1 - rank
         prev = None
         if gi > 0:
-            owner, prev_slot = (gi - 1, 0) if gi - 1 < cp else (2 * cp - 1 - (gi - 1), 1)
+            owner, prev_slot = zigzag_owner(gi - 1, cp)
             prev = (owner, 2 * n + prev_slot)
         out.append((length, prev))
     return out

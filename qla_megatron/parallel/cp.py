@@ -18,7 +18,7 @@ from qla_megatron.ops import chunk_gated_delta_rule, compose_segments, segment_s
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
 
 from .collectives import all_gather_stacked
-from .layouts import check_layout, global_segments
+from .layouts import check_layout, global_segments, zigzag_owner
 
 
 def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
@@ -64,8 +64,7 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
     gathered = all_gather_stacked(summaries, cp_group)           # [cp, n_local, B, HV, K, K + V]
     order = {gi: (r, i) for r in range(cp) for i, gi in enumerate(global_segments(layout, cp, r))}
     ordered = torch.stack([gathered[order[gi]] for gi in range(len(order))])
-    K = k.shape[-1]
-    starts, _ = compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))
+    starts = _compose(ordered, k.shape[-1])                     # [n_global, B, HV, K, V]
     outs = [chunk_gated_delta_rule(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], initial_state=starts[gi],
                                    backend=backend, **kw)[0] for p, gi in zip(pieces, local)]
     return torch.cat(outs, dim=1)
@@ -77,10 +76,17 @@ def _connected_zero(x):
     return x * 0
 
 
-def _summary(k, v, g, beta, kw):
-    """[B, HV, K, K + V]: transition M and state_from_zero S_ext side by side."""
-    ext, M = segment_summary(k, v, g, beta, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
+def _summary(k, v, g, beta, kw, cu_seqlens=None):
+    """[N, HV, K, K + V]: transition M and state_from_zero S_ext side by side (N = B without
+    cu_seqlens), the form the ranks exchange."""
+    ext, M = segment_summary(k, v, g, beta, cu_seqlens, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
     return torch.cat([M, ext], dim=-1)
+
+
+def _compose(ordered, K: int):
+    """Start states of consecutive segments from their [M | S_ext] summaries in global order
+    [NS, ..., K, K + V], the first from zeros that stay in the graph."""
+    return compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))[0]
 
 
 def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
@@ -99,7 +105,7 @@ def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, k
     if not (continues and last == 0):
         summary = torch.cat([torch.zeros_like(summary[..., :K]), summary[..., K:]], dim=-1)
     gathered = all_gather_stacked(summary, group)[:, 0]             # [cp, HV, K, K + V]
-    starts, _ = compose_segments(gathered[..., K:], gathered[..., :K], start=_connected_zero(gathered[0, ..., K:]))
+    starts = _compose(gathered, K)
     n_local = len(local) - 1
     first = starts[rank] if continues else _connected_zero(starts[rank])
     h0 = torch.cat([first[None], starts.new_zeros((n_local - 1,) + tuple(starts.shape[1:]))])
@@ -126,16 +132,11 @@ def _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
     if int(local_cu[-1]) != k.shape[1]:
         raise ValueError(f"this rank holds T_local={k.shape[1]} tokens, but cu_seqlens implies "
                          f"{int(local_cu[-1])} in the zigzag layout")
-    ext, M = segment_summary(k, v, g, beta, local_cu, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
-    gathered = all_gather_stacked(torch.cat([M, ext], dim=-1), group)      # [cp, 2N, HV, K, K + V]
-
-    def segment(gi):  # global segment gi of every sequence: [N, HV, K, K + V]
-        owner, slot = (gi, 0) if gi < cp else (2 * cp - 1 - gi, 1)
-        return gathered[owner, slot::2]
-
-    ordered = torch.stack([segment(gi) for gi in range(2 * cp)])           # [2 cp, N, HV, K, K + V]
-    K = k.shape[-1]
-    starts, _ = compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))
+    gathered = all_gather_stacked(_summary(k, v, g, beta, kw, local_cu), group)   # [cp, 2N, HV, K, K + V]
+    # global segment gi of every sequence n is piece 2 n + slot on its owner
+    ordered = torch.stack([gathered[owner, slot::2]
+                           for owner, slot in (zigzag_owner(gi, cp) for gi in range(2 * cp))])
+    starts = _compose(ordered, k.shape[-1])                                   # [2 cp, N, HV, K, V]
     h0 = torch.stack([starts[rank], starts[2 * cp - 1 - rank]], dim=1).flatten(0, 1)   # [2N, HV, K, V]
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
     return o

@@ -23,6 +23,11 @@ def global_segments(layout: str, cp: int, rank: int) -> list[int]:
     return [rank] if layout == "contiguous" else [rank, 2 * cp - 1 - rank]
 
 
+def zigzag_owner(gi: int, cp: int) -> tuple[int, int]:
+    """(rank, local slot) holding global segment gi of 2 cp in the zigzag layout."""
+    return (gi, 0) if gi < cp else (2 * cp - 1 - gi, 1)
+
+
 def shard(x: torch.Tensor, layout: str, cp: int, rank: int, dim: int = 1, cu_seqlens=None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor (dim = the sequence dim). With cu_seqlens (packed
     sequences) and the zigzag layout, every sequence is split on its own (Megatron's THD layout)."""
