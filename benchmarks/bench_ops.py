@@ -9,8 +9,8 @@ q, k, v, o, g, beta moved once; FLOPs = the chunked algorithm's matrix products 
 
 Options: --configs 8/2,16/4 (v-heads/qk-heads), --lengths 1x8192,varlen, --peers fla,flashqla,
 --flashqla-configs 32/16,8/2 (FlashQLA compiles for minutes per new shape; others are marked not run),
---forward fused,ws: our forward kernel variants (hopper/chunk.py), each timed in the same run: "ours" is
-the default (fused) kernel, "ours-ws" the hand warp-specialized one (err = its rel. L2 vs ours).
+--forward fused,ws,rs: our forward kernel variants (hopper/chunk.py), each timed in the same run as
+"ours-<variant>" (err = rel. L2 of its o vs the first variant's; the first variant's row vs FLA's).
 """
 
 import argparse
@@ -71,7 +71,7 @@ def floor_ms(tokens, H, HV, bw, rate):
 
 
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-OURS = {"fused": "ours", "ws": "ours-ws"}     # forward variant -> runner name
+OURS = {v: f"ours-{v}" for v in ("fused", "ws", "rs")}     # forward variant -> runner name
 
 
 def runners(peers, variants=("fused",)):
@@ -108,7 +108,7 @@ def main():
     ap.add_argument("--peers", default="fla,flashqla")
     ap.add_argument("--flashqla-configs", default="32/16,8/2")
     ap.add_argument("--out", default=None, help="path prefix for the .md table and .png plot")
-    ap.add_argument("--forward", default="fused", help="our forward variants to time: fused, ws or fused,ws")
+    ap.add_argument("--forward", default="fused", help="our forward variants to time, e.g. fused,rs")
     args = ap.parse_args()
     variants = args.forward.split(",")
     for v in variants:
@@ -158,9 +158,8 @@ def main():
                        **{f"err_{n}": e for n, e in errs.items()})
             rows.append(row)
             fmt = lambda n: f"{times[n]:.3f}" if n in times else "-"
-            ws_txt = f"  ours-ws {fmt('ours-ws')}" if "ours-ws" in fns else ""
-            print(f"{cfg:>6} {shape:>9}  ours {fmt('ours')}{ws_txt}  fla {fmt('fla')}  flashqla {fmt('flashqla')}  "
-                  f"floor {fl:.3f}  errs {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}", flush=True)
+            print(f"{cfg:>6} {shape:>9}  " + "  ".join(f"{n} {fmt(n)}" for n in fns)
+                  + f"  floor {fl:.3f}  errs {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}", flush=True)
             del q, k, v, g, beta
             if args.out:   # after every row, so a cut-off run still leaves its table
                 write(args.out, rows, card, versions, bw, rate)
@@ -177,21 +176,21 @@ def write(prefix, rows, card, versions, bw, rate):
              "bf16, K = V = 128, l2norm in kernel, final state out, fp32 gates with strong decay. "
              "varlen = " + f"{len(VARLEN)} sequences, {sum(VARLEN)} tokens (8192 ... 37). "
              "err = rel. L2 of o vs ours. '-' = not run.", "",
-             "| v/qk heads | tokens | ours | FLA | FlashQLA | floor (bytes, flops) | ours/floor | FLA/ours | FlashQLA/ours |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    has_ws = any("ours-ws" in r for r in rows)
-    if has_ws:   # the ws variant's columns at the end
-        lines[-2] += " ours-ws | ours/ours-ws | FlashQLA/ours-ws | err ours-ws |"
-        lines[-1] += "---|---|---|---|"
+             "| v/qk heads | tokens | FLA | FlashQLA | floor (bytes, flops) |", "|---|---|---|---|---|"]
+    ours = [n for n in OURS.values() if any(n in r for r in rows)]
+    for n in ours:
+        lines[-2] += f" {n} | {n}/floor | FLA/{n} | FlashQLA/{n} | err {n} |"
+        lines[-1] += "---|---|---|---|---|"
     f = lambda r, n: f"{r[n]:.3f}" if n in r else "-"
     ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
     for r in rows:
-        lines.append(f"| {r['cfg']} | {r['shape']} | {f(r, 'ours')} | {f(r, 'fla')} | {f(r, 'flashqla')} | "
-                     f"{r['floor']:.3f} ({r['floor_bytes']:.3f}, {r['floor_flops']:.3f}) | "
-                     f"{ratio(r, 'ours', 'floor')} | {ratio(r, 'fla', 'ours')} | {ratio(r, 'flashqla', 'ours')} |"
-                     + (f" {f(r, 'ours-ws')} | {ratio(r, 'ours', 'ours-ws')} | {ratio(r, 'flashqla', 'ours-ws')} | "
-                        f"{r['err_ours-ws']:.1e} |" if has_ws and 'err_ours-ws' in r else
-                        (" - | - | - | - |" if has_ws else "")))
+        line = (f"| {r['cfg']} | {r['shape']} | {f(r, 'fla')} | {f(r, 'flashqla')} | "
+                f"{r['floor']:.3f} ({r['floor_bytes']:.3f}, {r['floor_flops']:.3f}) |")
+        for n in ours:
+            err = f"{r['err_' + n]:.1e}" if "err_" + n in r else "-"
+            line += (f" {f(r, n)} | {ratio(r, n, 'floor')} | {ratio(r, 'fla', n)} | {ratio(r, 'flashqla', n)} |"
+                     f" {err} |")
+        lines.append(line)
     open(prefix + ".md", "w").write("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -200,8 +199,7 @@ def write(prefix, rows, card, versions, bw, rate):
         labels = [f"{r['cfg']}\n{r['shape']}" for r in rows]
         fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.45), 5))
         xs = range(len(rows))
-        bars = (("ours", "C0"), ("ours-ws", "C3"), ("fla", "C1"), ("flashqla", "C2"), ("floor", "k"))
-        bars = [bc for bc in bars if bc[0] != "ours-ws" or has_ws]
+        bars = [(n, f"C{3 + i}") for i, n in enumerate(ours)] + [("fla", "C1"), ("flashqla", "C2"), ("floor", "k")]
         w = 0.8 / len(bars)
         for i, (n, c) in enumerate(bars):
             ax.bar([x + (i - (len(bars) - 1) / 2) * w for x in xs], [r.get(n, 0) for r in rows], w, label=n, color=c)

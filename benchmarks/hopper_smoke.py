@@ -3,7 +3,7 @@ kernels the GPU tests need, then a quick timing of ours. Used from one device ca
 
     source .gpu/env.sh && python benchmarks/hopper_smoke.py
 
---forward fused,ws (default fused) names the forward kernel variants (hopper/chunk.py) whose cold compile is
+--forward fused,ws,rs (default fused) names the forward kernel variants (hopper/chunk.py) whose cold compile is
 measured and whose kernels are precompiled; with --breakdown, each variant is timed in the same run.
 """
 import os
@@ -57,7 +57,8 @@ def precompile_tests(variants=("fused",)):
     that run the ws variant also run the fused one, so "ws" brings the fused set along."""
     heads = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]
     todo = []
-    for v in (["fused", "ws"] if "ws" in variants else list(variants)):
+    # The long-run tests compare ws / rs with fused, so either brings the fused set along.
+    for v in (["fused"] + [x for x in variants if x != "fused"] if {"ws", "rs"} & set(variants) else list(variants)):
         todo += [it for h, hv in heads for i, it in enumerate(forward_set(h, hv, 128, 128, variant=v)) if i in (0, 1, 2, 5)]
         todo += [it for V in (64, 128, 256) for i, it in enumerate(forward_set(2, 4, 128, V, variant=v))
                  if i in ((0, 2) if V == 64 else (2,))]
@@ -84,16 +85,21 @@ def breakdown(variants=("fused",)):
         g = -torch.rand(T, HV, device=dev)
         b = torch.rand(T, HV, device=dev)
         bounds = (0, T)
-        seg = hc.plan_segment_len([T], HV, K, K, hc._num_sms(0), BV=hc.BV)
         whole = hc._make_plan(bounds, None, torch.device(dev))
         for var in variants:
-            qn = q if var == "ws" else None      # ws: 1/||q|| from prepare (norm_q)
-            Gc, Bc, Rk, A, *Rq = hc.prepare(k, g, b, whole.chunks, HV, l2norm=True, q=qn)
-            Rq = Rq[0] if Rq else None
-            fw = lambda segs, **kw: hc.forward(q, k, v, Gc, Bc, Rk, A, segs, 0.1, l2norm=True, variant=var,
-                                               Rq=Rq, **kw)
-            out = {"prepare": bench(lambda: hc.prepare(k, g, b, whole.chunks, HV, l2norm=True, q=qn)),
-                   "forward, no intra-CP": bench(lambda: fw(whole.segs, n_final=1))}
+            seg = hc.plan_segment_len([T], HV, K, K, hc._num_sms(0), BV=hc.bv_rs(K) if var == "rs" else hc.BV)
+            if var == "rs":
+                prep = lambda: hc.prepare_rs(q, k, g, b, whole.chunks, HV, 0.1, True)
+                factors = prep()
+                fw = lambda segs, **kw: hc.forward_rs(q, k, v, *factors, segs, **kw)
+            else:
+                qn = q if var == "ws" else None      # ws: 1/||q|| from prepare (norm_q)
+                prep = lambda: hc.prepare(k, g, b, whole.chunks, HV, l2norm=True, q=qn)
+                Gc, Bc, Rk, A, *Rq = prep()
+                Rq = Rq[0] if Rq else None
+                fw = lambda segs, **kw: hc.forward(q, k, v, Gc, Bc, Rk, A, segs, 0.1, l2norm=True, variant=var,
+                                                   Rq=Rq, **kw)
+            out = {"prepare": bench(prep), "forward, no intra-CP": bench(lambda: fw(whole.segs, n_final=1))}
             if seg:
                 p = hc._make_plan(bounds, seg, torch.device(dev))
                 out["summary"] = bench(lambda: fw(p.sum_segs, n_final=p.sum_segs.shape[0], summary=True))

@@ -1,9 +1,9 @@
 """Hopper (TileLang) forward vs the float64 token-by-token recurrence (DESIGN §6: o and final state
 <= 5e-3 relative L2 for bf16). Every output is poisoned with NaN before the kernels run. GPU only.
 
-The correctness tests run once per forward kernel variant (ids "fused": forward.py, the default;
-"ws": forward_ws.py, hand warp-specialized), chosen through $QLA_MEGATRON_HOPPER_FORWARD exactly as a
-user would; `-k ws` runs only the latter."""
+The correctness tests run once per forward kernel variant (ids "rs": forward_rs.py, the state in
+registers, the default; "fused": forward.py; "ws": forward_ws.py, hand warp-specialized), chosen
+through $QLA_MEGATRON_HOPPER_FORWARD exactly as a user would; `-k rs` runs only that one."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from .gdr_inputs import make_inputs, rel
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
 HEADS = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]   # (H, HV)
-VARIANTS = ["fused", "ws"]
+VARIANTS = ["fused", "ws", "rs"]
 
 
 @pytest.fixture(autouse=True)
@@ -142,8 +142,9 @@ def test_gradients_recompute_through_torch():
 
 
 @pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "no-l2norm"])
-def test_ws_matches_recurrence_long(l2norm):
-    """The ws kernel over many chunks (its two shared-memory slots wrap around often), with and without
+@pytest.mark.parametrize("other", ["ws", "rs"])
+def test_variant_matches_recurrence_long(other, l2norm):
+    """The ws / rs kernel over many chunks (its shared-memory slots wrap around often), with and without
     l2norm in the kernel, intra-card CP off and on; also no further from the float64 recurrence than
     twice the fused kernel's error plus 1e-4."""
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import chunk_gated_delta_rule_fwd
@@ -155,7 +156,7 @@ def test_ws_matches_recurrence_long(l2norm):
     ro, rs = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0.double(), output_final_state=True,
                                         use_qk_l2norm_in_kernel=l2norm)
     for cfg in (IntraCPConfig(enabled=False), IntraCPConfig(segment_len=256)):
-        ws = chunk_gated_delta_rule_fwd(*low, None, h0, True, None, l2norm, intra_cp=cfg, variant="ws")
+        ws = chunk_gated_delta_rule_fwd(*low, None, h0, True, None, l2norm, intra_cp=cfg, variant=other)
         fused = chunk_gated_delta_rule_fwd(*low, None, h0, True, None, l2norm, intra_cp=cfg, variant="fused")
         eo, es = _check(*ws, ro, rs)
         fo, fs = _check(*fused, ro, rs)

@@ -11,12 +11,13 @@ from qla_megatron.ops.gated_delta_rule.hopper.forward import forward_kernel
 from qla_megatron.ops.gated_delta_rule.hopper.forward_ws import forward_ws_kernel
 
 
-def test_default_is_the_verified_kernel(monkeypatch):
+def test_default_is_the_register_state_kernel(monkeypatch):
+    from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
     monkeypatch.delenv(hchunk.FORWARD_ENV, raising=False)
-    assert hchunk.forward_variant() == "fused"
-    assert hchunk.forward_factory() is forward_kernel
+    assert hchunk.forward_variant() == "rs"
+    assert hchunk.forward_factory() is forward_rs_kernel
     monkeypatch.setenv(hchunk.FORWARD_ENV, "")
-    assert hchunk.forward_factory() is forward_kernel
+    assert hchunk.forward_factory() is forward_rs_kernel
 
 
 def test_env_picks_ws(monkeypatch):
@@ -45,7 +46,7 @@ def test_op_reads_the_switch_before_any_gpu_work(monkeypatch):
 
 @pytest.mark.parametrize("l2norm", [True, False])
 def test_ws_forward_set(l2norm):
-    fused = hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm)
+    fused = hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="fused")
     ws = hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="ws")
     assert len(ws) == len(fused)
     assert ws[0] == ("prepare", (2, 8, 128, "bfloat16"), dict(l2norm=l2norm, norm_q=l2norm))
@@ -53,7 +54,8 @@ def test_ws_forward_set(l2norm):
     # Same task configs as the fused set, kernel config aside.
     strip = lambda kw: {k: v for k, v in kw.items() if k != "async_mma"}
     assert [strip(kw) for _, _, kw in fused[1:]] == [kw for _, _, kw in ws[1:]]
-    assert fused == hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="fused")
+    assert hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm) == \
+        hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="rs")
 
 
 @pytest.mark.parametrize("summary", [False, True], ids=["output", "summary"])
@@ -124,3 +126,96 @@ def test_ws_algebra_matches_recurrence(T, l2norm):
         o, s = _ws_emulated(q[0, :, 0], k[0, :, 0], v[0, :, hv], g[0, :, hv], beta[0, :, hv], h0[0, hv],
                             scale, l2norm)
         assert rel(o, ro[0, :, hv]) < 1e-10 and rel(s, rs[0, hv]) < 1e-10
+
+
+def test_rs_forward_set_and_ir():
+    rs = hchunk.forward_set(2, 8, 128, 128, variant="rs")
+    assert rs[0] == ("prepare", (2, 8, 128, "bfloat16"), dict(l2norm=True, rs_factors=True))
+    assert {n for n, _, _ in rs[1:]} == {"forward_rs"} and len(rs) == 6
+    from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
+    from qla_megatron.ops.gated_delta_rule.hopper.prepare import prepare_kernel
+    f = forward_rs_kernel.get_tir(2, 8, 128, 128, "bfloat16", has_initial=True)
+    assert [p.name.removesuffix("_handle") for p in f.params] == \
+        ["q", "k", "v", "Ag", "P", "F", "segs", "h0", "o", "ht", "states"]
+    f = prepare_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, rs_factors=True)
+    assert [p.name.removesuffix("_handle") for p in f.params] == \
+        ["q", "k", "g", "beta", "chunks", "sc", "Ag", "P", "F"]
+
+
+def _rs_emulated(q, k, v, g, beta, h0, scale, l2norm):
+    """forward_rs.py's algebra in float64 for one sequence and v-head: prepare's factors (Ag, P, F,
+    from zero-padded q/k rows) and the transposed chain on S^T, with the forward reading random junk
+    in the pad rows of the last chunk, as it reads whatever follows in memory."""
+    C = 64
+    T, Kd = k.shape
+    n_chunks = -(-T // C)
+    pad = n_chunks * C - T
+    junk = lambda *s: torch.randn(*s, dtype=torch.float64)
+    q, k, v = torch.cat([q, junk(pad, Kd)]), torch.cat([k, junk(pad, Kd)]), torch.cat([v, junk(pad, v.shape[1])])
+    valid = (torch.arange(n_chunks * C) < T).double()
+    g = torch.cat([g, g.new_zeros(pad)])
+    beta = torch.cat([beta, beta.new_zeros(pad)])
+    St = h0.T.clone()
+    o = torch.zeros(n_chunks * C, v.shape[1], dtype=torch.float64)
+    low = torch.tril(torch.ones(C, C, dtype=torch.bool))
+    zero = torch.zeros((), dtype=torch.float64)
+    for c in range(n_chunks):
+        sl = slice(c * C, (c + 1) * C)
+        Q, Kc, Vc, b, m = q[sl], k[sl], v[sl], beta[sl], valid[sl][:, None]
+        G = torch.cumsum(g[sl], 0)
+        one = torch.ones(C, dtype=torch.float64)
+        Rk = torch.rsqrt((Kc * m).pow(2).sum(1) + 1e-6) if l2norm else one
+        Rq = torch.rsqrt((Q * m).pow(2).sum(1) + 1e-6) if l2norm else one
+        Kn = Kc * m * Rk[:, None]
+        A = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + torch.tril(b[:, None] * (Kn @ Kn.T), -1))
+        Gam = torch.where(low, torch.exp(G[:, None] - G[None, :]), zero)
+        Ag = torch.where(low, A * Gam * b[None, :], zero)
+        P = torch.where(low, scale * Rq[:, None] * Rk[None, :] * ((Q * m) @ (Kc * m).T) * Gam, zero)
+        gk, ee, qs, gC = torch.exp(G) * Rk, torch.exp(G[-1] - G) * Rk, scale * torch.exp(G) * Rq, torch.exp(G[-1])
+        Xt = St @ Kc.T
+        Ot = St @ Q.T
+        Dt = (Vc.T - Xt * gk[None, :]) @ Ag.T
+        St = gC * St + (Dt * ee[None, :]) @ Kc
+        o[sl] = (Ot * qs[None, :] + Dt @ P.T).T
+    return o[:T], St.T
+
+
+@pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "no-l2norm"])
+@pytest.mark.parametrize("T", [1, 63, 64, 200])
+def test_rs_algebra_matches_recurrence(T, l2norm):
+    """The factorization forward_rs.py computes equals the float64 token-by-token recurrence: a check of
+    the algebra only, not of the kernel."""
+    from qla_megatron.ops import recurrent_gated_delta_rule
+    from .gdr_inputs import make_inputs, rel
+    q, k, v, g, beta, h0 = make_inputs(1, T, 1, 2, 32, 16)
+    if not l2norm:
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    scale = 32 ** -0.5
+    ro, rs = recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True,
+                                        use_qk_l2norm_in_kernel=l2norm)
+    for hv in range(2):
+        o, s = _rs_emulated(q[0, :, 0], k[0, :, 0], v[0, :, hv], g[0, :, hv], beta[0, :, hv], h0[0, hv],
+                            scale, l2norm)
+        assert rel(o, ro[0, :, hv]) < 1e-10 and rel(s, rs[0, hv]) < 1e-10
+
+
+@pytest.mark.parametrize("bounds,seg_len", [((0, 1000), 128), ((0, 300, 310, 1000, 1100, 1164), 128),
+                                            ((0, 64, 640, 700), 64)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_compose_starts_matches_a_plain_walk(bounds, seg_len, with_h0):
+    """compose_starts (contiguous batched steps, rows reordered) gives every main-pass segment the
+    start state of a plain per-sequence walk Z[j + 1] = M[j] Z[j] + S_ext[j] (float64 on the CPU)."""
+    plan = hchunk._make_plan(bounds, seg_len, torch.device("cpu"))
+    N, HV, K, V = len(bounds) - 1, 2, 8, 4
+    summ = torch.randn(plan.sum_segs.shape[0], HV, K, K + V, dtype=torch.float64) * 0.3
+    h0 = torch.randn(N, HV, K, V, dtype=torch.float64) if with_h0 else None
+    got = hchunk.compose_starts(plan, summ.float(), h0.float() if with_h0 else None, K)
+    seq_of = lambda t: max(n for n in range(N) if bounds[n] <= t)
+    summary_at = {int(r[0]): int(r[4]) for r in plan.sum_segs}     # segment start token -> summary row
+    for row, seg in enumerate(plan.segs.tolist()):
+        n = seq_of(seg[0])
+        z = h0[n] if with_h0 else torch.zeros(HV, K, V, dtype=torch.float64)
+        for start in range(bounds[n], seg[0], seg_len):
+            m = summ[summary_at[start]]
+            z = m[..., :K] @ z + m[..., K:]
+        assert torch.allclose(got[row].double(), z, atol=1e-4, rtol=1e-4), (row, seg)

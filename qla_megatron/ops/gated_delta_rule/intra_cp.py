@@ -6,7 +6,8 @@ one after another, so a pass takes about
     chunks per program x max(1, programs / concurrent programs)          (in chunk-steps)
 
 With segments, a summary pass (state widened to K + V columns, no output; its programs cost about
-`summary_cost` of a main program per chunk) runs first, then the main pass from composed starts. The
+`summary_cost` of a main program per chunk) runs first, then one composition step per segment boundary
+(sequential, `compose_cost` each), then the main pass from composed starts. The
 planner compares the estimated time of every candidate segment length (whole sequence, and halvings
 down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
 
@@ -30,6 +31,8 @@ class IntraCPConfig:
     min_segment_chunks: int = 8              # shorter segments cost more in summaries than they save
     programs_per_sm: int = 1                 # concurrent forward programs per SM (shared memory bound)
     summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
+    compose_cost: float = 2.5                # one sequential composition step (a batched fp32 product
+                                             # and its launch), in chunk-steps
 
     @staticmethod
     def from_env() -> "IntraCPConfig":
@@ -76,7 +79,8 @@ def plan_segment_len(seq_lens: Sequence[int], HV: int, K: int, V: int, num_sms: 
         sum_chunks = [(nc - 1) // seg * seg for nc in chunks]
         t = (_pass_time([c for c in sum_chunks if c], seg, HV * sum_progs, slots, cfg.summary_cost)
              if any(sum_chunks) else 0.0)
-        t += _pass_time(chunks, seg, HV * main_progs, slots, 1.0) + 2.0  # + compose, launches
+        steps = max((nc - 1) // seg for nc in chunks)      # sequential composition steps
+        t += _pass_time(chunks, seg, HV * main_progs, slots, 1.0) + 2.0 + cfg.compose_cost * steps
         if t < best_t * 0.95:
             best, best_t = seg * CHUNK, t
         seg //= 2

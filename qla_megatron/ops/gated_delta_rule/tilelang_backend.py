@@ -1,10 +1,10 @@
 """The "tilelang" backend: Hopper (sm90) TileLang kernels for the forward pass.
 
-Served: CUDA device of compute capability 9.0, q/k/v in bf16, K = V = 128, any HV = n * H, batch or
-varlen, initial state, l2norm. Everything else returns the reason, so backend="auto" falls back to
-torch and backend="tilelang" raises ValueError with it. The kernels also build for fp16 and V = 64 / 256
-and passed the GPU tests at commit e2e789c, but those were not re-run on the current kernels (fused
-l2norm, 12f1556): they stay off here until tests/ops/test_hopper_forward.py passes on them again.
+Served: CUDA device of compute capability 9.0, K = 128, any HV = n * H, batch or varlen, initial
+state, l2norm, and whatever the selected forward variant was verified for on an H100
+(hopper/chunk.py VERIFIED; the default "rs": q/k/v in bf16 or fp16, V = 64, 128 or 256). Everything
+else returns the reason, so backend="auto" falls back to torch and backend="tilelang" raises
+ValueError with it.
 
 Gradients: the Hopper backward kernels are a separate issue. Until they land, backward recomputes the
 forward through the torch backend (same math, fp32) and differentiates that: correct, but slower and
@@ -20,8 +20,6 @@ import torch
 from . import backends
 
 SUPPORTED_K = (128,)
-SUPPORTED_V = (128,)                 # 64 and 256 build; re-enable once re-verified on the GPU
-SUPPORTED_DTYPES = (torch.bfloat16,)  # fp16 builds; likewise
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,12 +33,15 @@ def unsupported(info: backends.CallInfo):
     cap = _capability(info.device.index if info.device.index is not None else torch.cuda.current_device())
     if cap != (9, 0):
         return f"needs compute capability 9.0 (H100/H200), got {cap[0]}.{cap[1]}"
-    if info.dtype not in SUPPORTED_DTYPES:
-        return f"serves q, k, v in {[str(d) for d in SUPPORTED_DTYPES]}, got {info.dtype}"
+    from .hopper.chunk import VERIFIED, forward_variant
+    variant = forward_variant()            # a bad $QLA_MEGATRON_HOPPER_FORWARD raises here, by name
+    dtypes, values = VERIFIED[variant]["dtypes"], VERIFIED[variant]["V"]
+    if info.dtype not in dtypes:
+        return f"serves q, k, v in {[str(d) for d in dtypes]} (forward {variant!r}), got {info.dtype}"
     if info.K not in SUPPORTED_K:
         return f"supports head dim K in {SUPPORTED_K}, got K={info.K}"
-    if info.V not in SUPPORTED_V:
-        return f"supports value dim V in {SUPPORTED_V}, got V={info.V}"
+    if info.V not in values:
+        return f"supports value dim V in {values} (forward {variant!r}), got V={info.V}"
     return None
 
 

@@ -7,12 +7,15 @@
 
 Without intra-card CP (one segment per sequence) only prepare and forward run.
 
-Two forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
+Three forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
 
-    fused  (default) forward.py: TileLang's automatic warp specialization; verified on an H100
+    rs     (default) forward_rs.py: the state transposed in registers, every chain product in wgmma's
+           register-operand form; the chunk factors (Ag, P, F) come from prepare (rs_factors);
+           verified on an H100 (all GPU tests, incl. V = 64 / 256 and fp16), 1.4-2.4x faster than fused
+    fused  forward.py: TileLang's automatic warp specialization; verified on an H100 for bf16, V = 128
     ws     forward_ws.py: hand warp-specialized, the state-free half of chunk i + 1 overlapping chunk
-           i's state chain, 1/||q|| from prepare (norm_q); compiled for sm_90a on a CPU only, not
-           yet run on a GPU
+           i's state chain, 1/||q|| from prepare (norm_q); correct on an H100 but ~1.3x slower than
+           fused (benchmarks/results/ops_forward_h100_ws.md)
 """
 
 from __future__ import annotations
@@ -28,24 +31,36 @@ import torch
 from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
 from .forward import CHUNK, forward_kernel
+from .forward_rs import forward_rs_kernel
 from .forward_ws import forward_ws_kernel
 from .prepare import prepare_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BV = 64
+BV_RS = 128          # forward_rs: two consumer warpgroups, 64 state columns each (64: one, for V = 64)
+
+
+def bv_rs(V: int) -> int:
+    return BV_RS if V % BV_RS == 0 else 64
 # Kernel config: issue independent wgmma together (True) or one synchronous T.gemm at a time (False);
 # QLA_MEGATRON_HOPPER_SYNC_MMA=1 selects the latter (kept for A/B timing).
 ASYNC_MMA = os.environ.get("QLA_MEGATRON_HOPPER_SYNC_MMA", "0") != "1"
-# Forward kernel variant (see the module docstring); the default is the GPU-verified kernel.
+# Forward kernel variant (see the module docstring); the default is the fastest GPU-verified kernel.
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-FORWARD_VARIANTS = {"fused": forward_kernel, "ws": forward_ws_kernel}
+FORWARD_VARIANTS = {"fused": forward_kernel, "ws": forward_ws_kernel, "rs": forward_rs_kernel}
+DEFAULT_FORWARD = "rs"
+# What each variant was verified for on an H100 (tests/ops/test_hopper_forward.py): the backend serves
+# nothing else with it.
+VERIFIED = {"rs": dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16)),
+            "fused": dict(V=(128,), dtypes=(torch.bfloat16,)),
+            "ws": dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16))}
 # Tests set this to fill every output with NaN before the kernels run (unwritten elements then show).
 POISON_OUTPUTS = False
 
 
 def forward_variant(variant: Optional[str] = None) -> str:
-    """The forward kernel variant: `variant` if given, else $QLA_MEGATRON_HOPPER_FORWARD, else "fused"."""
-    name = variant if variant is not None else os.environ.get(FORWARD_ENV, "") or "fused"
+    """The forward kernel variant: `variant` if given, else $QLA_MEGATRON_HOPPER_FORWARD, else DEFAULT."""
+    name = variant if variant is not None else os.environ.get(FORWARD_ENV, "") or DEFAULT_FORWARD
     if name not in FORWARD_VARIANTS:
         src = "variant" if variant is not None else FORWARD_ENV
         raise ValueError(f"{src}={name!r} is not a Hopper forward variant; choose one of "
@@ -69,8 +84,11 @@ class _Plan:
     chunks: torch.Tensor        # [NC, 2] int32: first token, valid tokens
     segs: torch.Tensor          # [NS, 5] int32 for the main pass
     sum_segs: Optional[torch.Tensor]   # [NSS, 5] for the summary pass, or None
-    compose_steps: tuple        # ((summary rows, from seg rows, to seg rows), ...) as device tensors
-    first_rows: Optional[torch.Tensor]  # seg row of every sequence's first segment [N]
+    # Composition (see compose_starts): slices of the summary rows and of the start-state rows Z.
+    compose_steps: tuple        # ((summary row slice, Z slice of segment j, Z slice of segment j + 1), ...)
+    first_z: Optional[torch.Tensor]    # sequence of each Z row of segment 0 [N], or None
+    z_of_seg: Optional[torch.Tensor]   # Z row of every main-pass segment [NS], or None
+    NZ: int
     NC: int
     NS: int
 
@@ -103,24 +121,53 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         init_row = seg_row[(n, j)] if seg_len else n
         out_row = n if j == last_j[n] else -1
         segs.append((s, e, c0, init_row, out_row))
-    sum_segs, steps, first_rows = None, (), None
+    sum_segs, steps, first_z, z_of_seg, NZ = None, (), None, None, 0
     if seg_len and any(v > 0 for v in last_j.values()):
-        sp = [p for p in pieces if p[4] < last_j[p[3]]]
-        sum_row = {(p[3], p[4]): r for r, p in enumerate(sp)}
-        sum_segs = torch.tensor([(s, e, c0, 0, sum_row[(n, j)]) for s, e, c0, n, j in sp],
-                                dtype=torch.int32).to(device)
+        # Sequences with the most segments first: then, for every j, the sequences that have a
+        # segment j + 1 are a prefix of those that have a segment j, and each composition step is
+        # one batched product over contiguous rows (no gathers).
+        by_len = sorted(range(N), key=lambda n: -last_j[n])
         maxj = max(last_j.values())
-        step_list = []
+        z_row, sum_row, z_off, s_off = {}, {}, [], []
+        for j in range(maxj + 1):
+            z_off.append(len(z_row))
+            for n in by_len:
+                if last_j[n] >= j:
+                    z_row[(n, j)] = len(z_row)
         for j in range(maxj):
-            ns = [n for n in range(N) if last_j[n] > j]
-            step_list.append(tuple(torch.tensor(x, dtype=torch.long).to(device) for x in (
-                [sum_row[(n, j)] for n in ns], [seg_row[(n, j)] for n in ns],
-                [seg_row[(n, j + 1)] for n in ns])))
-        steps = tuple(step_list)
-        first_rows = torch.tensor([seg_row[(n, 0)] for n in range(N)], dtype=torch.long).to(device)
+            s_off.append(len(sum_row))
+            for n in by_len:
+                if last_j[n] > j:
+                    sum_row[(n, j)] = len(sum_row)
+        pos = {(p[3], p[4]): p for p in pieces}
+        sum_segs = torch.tensor([(*pos[nj][:3], 0, r) for nj, r in sum_row.items()], dtype=torch.int32).to(device)
+        steps = tuple((slice(s_off[j], s_off[j] + cnt), slice(z_off[j], z_off[j] + cnt),
+                       slice(z_off[j + 1], z_off[j + 1] + cnt))
+                      for j in range(maxj) for cnt in [sum(1 for n in range(N) if last_j[n] > j)])
+        first_z = torch.tensor(by_len, dtype=torch.long).to(device)
+        z_of_seg = torch.tensor([z_row[(pieces[i][3], pieces[i][4])] for i in order], dtype=torch.long).to(device)
+        NZ = len(z_row)
     return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
                  segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 compose_steps=steps, first_rows=first_rows, NC=len(chunks), NS=len(segs))
+                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs))
+
+
+def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int) -> torch.Tensor:
+    """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32:
+    Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0). summ [NSS, HV, K, K + V] from
+    the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V] in the main pass's row order.
+    One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential."""
+    NSS, HV, _, W = summ.shape
+    V = W - K
+    M, ext = summ[..., :K].contiguous(), summ[..., K:].contiguous()   # so every step's slices are views
+    Z = torch.zeros(plan.NZ, HV, K, V, dtype=torch.float32, device=summ.device)
+    if h0 is not None:
+        Z[:len(plan.first_z)] = h0[plan.first_z]
+    for sl, cur, nxt in plan.compose_steps:
+        n = sl.stop - sl.start
+        torch.baddbmm(ext[sl].reshape(n * HV, K, V), M[sl].reshape(n * HV, K, K), Z[cur].reshape(n * HV, K, V),
+                      out=Z[nxt].view(n * HV, K, V))
+    return Z[plan.z_of_seg]
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +201,36 @@ def _prepare_norm_q(q, k, g, beta, chunks, HV):
     A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     kern(q, k, g, beta, chunks, Gc, Bc, Rk, A, Rq)
     return Gc, Bc, Rk, A, Rq
+
+
+def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
+    """Launch prepare_kernel(rs_factors=True): the chunk factors of forward_rs.py. q, k [Tt, H, K]
+    dtype, g, beta [Tt, HV] fp32. Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
+    Tt, H, K = k.shape
+    NC = chunks.shape[0]
+    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, rs_factors=True)
+    Ag = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
+    P = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
+    F = _empty(NC, HV, 4, CHUNK, dtype=torch.float32, device=k.device)
+    kern(q, k, g, beta, chunks, float(scale), Ag, P, F)
+    return Ag, P, F
+
+
+def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None):
+    """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None)."""
+    Tt, H, K = k.shape
+    HV, V = v.shape[1], v.shape[2]
+    Wd = K + V if summary else V
+    dev = k.device
+    kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
+                             store_final=n_final > 0, save_states=states is not None, BV=bv_rs(V))
+    dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
+    ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
+    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
+        torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
+    st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
+    kern(q, k, v, Ag, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
+    return o, (ht if n_final else None)
 
 
 def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
@@ -190,7 +267,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
                                use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None,
                                variant: Optional[str] = None):
     """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state).
-    `variant` picks the forward kernel ("fused" or "ws"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
+    `variant` picks the forward kernel ("fused", "ws" or "rs"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
     variant = forward_variant(variant)
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
@@ -198,7 +275,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     bounds = tuple(sequence_bounds(B, T, cu_seqlens))
     N = len(bounds) - 1
     lens = [bounds[n + 1] - bounds[n] for n in range(N)]
-    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=BV, config=intra_cp)
+    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=bv_rs(V) if variant == "rs" else BV,
+                               config=intra_cp)
     if seg_len is not None and seg_len >= max(lens):
         seg_len = None
     plan = _make_plan(bounds, seg_len, dev)
@@ -211,30 +289,40 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     scale = K ** -0.5 if scale is None else float(scale)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
 
+    if variant == "rs":
+        Ag, P, F = prepare_rs(qf, kf, gf, bf, plan.chunks, HV, scale, l2)
+        run_pass = functools.partial(forward_rs, qf, kf, vf, Ag, P, F)
+    else:
+        run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant)
+    if plan.sum_segs is not None:
+        _, summ = run_pass(plan.sum_segs, n_final=plan.sum_segs.shape[0], summary=True)
+        h0 = compose_starts(plan, summ, h0, K)
+    o, ht = run_pass(plan.segs, h0=h0, n_final=N if output_final_state else 0)
+    return o.view(B, T, HV, V), ht
+
+
+def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant):
+    """prepare for the "fused" / "ws" kernels; returns run_pass(segs, **forward kwargs)."""
     Rq = None
     if variant == "ws" and l2:
         Gc, Bc, Rk, A, Rq = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2, q=qf)
     else:
         Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
-    if plan.sum_segs is not None:
-        _, summ = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.sum_segs, scale, n_final=plan.sum_segs.shape[0],
-                          summary=True, l2norm=l2, variant=variant, Rq=Rq)
-        M, ext = summ[..., :K], summ[..., K:]
-        starts = torch.zeros(plan.NS, HV, K, V, dtype=torch.float32, device=dev)
-        if h0 is not None:
-            starts[plan.first_rows] = h0
-        for sum_rows, cur, nxt in plan.compose_steps:
-            starts[nxt] = torch.matmul(M[sum_rows], starts[cur]) + ext[sum_rows]
-        h0 = starts
-    o, ht = forward(qf, kf, vf, Gc, Bc, Rk, A, plan.segs, scale, h0=h0,
-                    n_final=N if output_final_state else 0, l2norm=l2, variant=variant, Rq=Rq)
-    return o.view(B, T, HV, V), ht
+    return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2, variant=variant, Rq=Rq)
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant="fused"):
+def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
     length and batch are symbolic, so this set serves every length. Same order for both variants."""
     d = _DTYPES[dtype]
+    if variant == "rs":
+        main = dict(summary=False, BV=bv_rs(V))
+        return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, rs_factors=True)),
+                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
+                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
+                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
+                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
+                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V)))]
     if variant == "ws":
         main = dict(summary=False, BV=BV, l2norm=l2norm)
         return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, norm_q=l2norm)),
@@ -255,7 +343,8 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant="fused")
 
 def _compile_one(item):
     name, args, kwargs = item
-    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_ws": forward_ws_kernel}[name]
+    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_ws": forward_ws_kernel,
+               "forward_rs": forward_rs_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t

@@ -32,6 +32,7 @@ LOG2E = 1.4426950408889634
 def prepare_kernel(
     # task config
     H: int, HV: int, K: int, dtype: str, l2norm: bool = False, norm_q: bool = False,
+    rs_factors: bool = False,
     # kernel config
     threads: int = 128,
 ):
@@ -41,15 +42,52 @@ def prepare_kernel(
 
     norm_q=True (with l2norm; for forward_ws.py) takes q [Tt, H, K] as the first argument and Rq
     [NC, HV, C] = 1 / ||q|| (eps 1e-6, as for k) as the last, so the forward's per-chunk chain has no
-    reduction. norm_q=False builds exactly the kernel it built before the option existed."""
+    reduction. norm_q=False builds exactly the kernel it built before the option existed.
+
+    rs_factors=True (for forward_rs.py) takes (q, k, g, beta, chunks, sc, Ag, P, F) and writes the
+    chunk factors of the register-state forward instead (natural-log gate G = cumsum g, Rk / Rq =
+    1 / ||k||, 1 / ||q|| with l2norm, else 1):
+        Ag [NC, HV, C, C] dtype  (Gamma . A) diag(beta), exactly 0 above the diagonal
+        P  [NC, HV, C, C] dtype  sc diag(Rq) (Gamma . Q K^T) diag(Rk), lower
+        F  [NC, HV, 4, C] fp32   rows exp(G) Rk, exp(G_C - G) Rk, sc exp(G) Rq, exp(G_C)"""
     C = CHUNK
     GQ = HV // H
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
     assert l2norm or not norm_q, "norm_q needs l2norm"
+    assert not (rs_factors and norm_q), "rs_factors computes 1 / ||q|| itself"
 
     @T.macro
-    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq):
+    def rs_chunk_factors(q, P, F, sc, ic, hv, hk, t0, n, K_s, g_s, r_s):
+        Q_s = T.alloc_shared((C, K), dtype)
+        rq_s = T.alloc_shared((C,), acc)
+        qk = T.alloc_fragment((C, C), acc)
+        for i, d in T.Parallel(C, K):
+            Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
+        if l2norm:
+            qf = T.alloc_fragment((C, K), acc)
+            nq = T.alloc_fragment((C,), acc)
+            T.copy(Q_s, qf)
+            for i, d in T.Parallel(C, K):
+                qf[i, d] = qf[i, d] * qf[i, d]
+            T.reduce_sum(qf, nq, dim=1)
+            for i in T.Parallel(C):
+                rq_s[i] = T.rsqrt(nq[i] + 1e-6)
+        else:
+            for i in T.Parallel(C):
+                rq_s[i] = 1.0
+        T.gemm(Q_s, K_s, qk, transpose_B=True, clear_accum=True)
+        for i, j in T.Parallel(C, C):
+            P[ic, hv, i, j] = T.cast(T.if_then_else(
+                i >= j, sc * rq_s[i] * r_s[j] * qk[i, j] * T.exp2((g_s[i] - g_s[j]) * LOG2E), 0.0), dtype)
+        for i in T.Parallel(C):
+            F[ic, hv, 0, i] = T.exp2(g_s[i] * LOG2E) * r_s[i]
+            F[ic, hv, 1, i] = T.exp2((g_s[C - 1] - g_s[i]) * LOG2E) * r_s[i]
+            F[ic, hv, 2, i] = sc * T.exp2(g_s[i] * LOG2E) * rq_s[i]
+            F[ic, hv, 3, i] = T.exp2(g_s[C - 1] * LOG2E)
+
+    @T.macro
+    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq, P=None, F=None, sc=None):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             hk = hv // GQ
             t0 = chunks[ic, 0]
@@ -77,6 +115,9 @@ def prepare_kernel(
                 T.reduce_sum(kf, nk, dim=1)
                 for i in T.Parallel(C):
                     r_s[i] = T.rsqrt(nk[i] + 1e-6)
+            elif rs_factors:
+                for i in T.Parallel(C):
+                    r_s[i] = 1.0
             T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
             if l2norm:
                 for i, j in T.Parallel(C, C):
@@ -85,11 +126,14 @@ def prepare_kernel(
                 for i, j in T.Parallel(C, C):
                     L_s[i, j] = T.if_then_else(i > j, b_s[i] * kkt[i, j], 0.0)
             T.cumsum(src=g_s, dst=g_s, dim=0)
-            for i in T.Parallel(C):
-                Gc[ic, hv, i] = g_s[i] * LOG2E
-                Bc[ic, hv, i] = b_s[i]
-                if l2norm:
-                    Rk[ic, hv, i] = r_s[i]
+            if rs_factors:
+                rs_chunk_factors(q, P, F, sc, ic, hv, hk, t0, n, K_s, g_s, r_s)
+            else:
+                for i in T.Parallel(C):
+                    Gc[ic, hv, i] = g_s[i] * LOG2E
+                    Bc[ic, hv, i] = b_s[i]
+                    if l2norm:
+                        Rk[ic, hv, i] = r_s[i]
 
             if norm_q:
                 Q_s = T.alloc_shared((C, K), dtype)
@@ -105,15 +149,46 @@ def prepare_kernel(
                     Rq[ic, hv, i] = T.rsqrt(nq[i] + 1e-6)
 
             tx = T.get_thread_binding()
+            part = T.alloc_local((4,), acc)
             if tx < C:
-                for r in T.unroll(C):
-                    x[r] = T.if_then_else(tx == r, 1.0, 0.0)
-                    for j in T.unroll(r):
-                        x[r] = x[r] - L_s[r, j] * x[j]
-                for r in T.unroll(C):
-                    A[ic, hv, r, tx] = T.cast(x[r], dtype)
+                if rs_factors:
+                    # Row r's sum over j in four interleaved partial sums: a dependent chain of
+                    # ~r / 4 FMAs instead of r (64 threads a program: this loop is latency-bound).
+                    for r in T.unroll(C):
+                        for u in T.unroll(4):
+                            part[u] = 0.0
+                        for j in T.unroll(r):
+                            part[j % 4] = part[j % 4] + L_s[r, j] * x[j]
+                        x[r] = T.if_then_else(tx == r, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
+                else:
+                    for r in T.unroll(C):
+                        x[r] = T.if_then_else(tx == r, 1.0, 0.0)
+                        for j in T.unroll(r):
+                            x[r] = x[r] - L_s[r, j] * x[j]
+                if rs_factors:
+                    # Ag = (Gamma . A) diag(beta): exp(G_r - G_c) only where r >= c (it overflows above).
+                    for r in T.unroll(C):
+                        A[ic, hv, r, tx] = T.cast(T.if_then_else(
+                            r >= tx, x[r] * T.exp2((g_s[r] - g_s[tx]) * LOG2E) * b_s[tx], 0.0), dtype)
+                else:
+                    for r in T.unroll(C):
+                        A[ic, hv, r, tx] = T.cast(x[r], dtype)
 
-    if norm_q:
+    if rs_factors:
+        @T.prim_func
+        def kernel(
+            q: T.Tensor((Tt, H, K), dtype),
+            k: T.Tensor((Tt, H, K), dtype),
+            g: T.Tensor((Tt, HV), acc),
+            beta: T.Tensor((Tt, HV), acc),
+            chunks: T.Tensor((NC, 2), "int32"),
+            sc: T.float32,
+            Ag: T.Tensor((NC, HV, C, C), dtype),
+            P: T.Tensor((NC, HV, C, C), dtype),
+            F: T.Tensor((NC, HV, 4, C), acc),
+        ):
+            body(k, g, beta, chunks, None, None, None, Ag, q, None, P, F, sc)
+    elif norm_q:
         @T.prim_func
         def kernel(
             q: T.Tensor((Tt, H, K), dtype),
