@@ -17,7 +17,7 @@ from .gdr_inputs import make_inputs, rel
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
 HEADS = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]   # (H, HV)
-VARIANTS = ["fused", "ws", "rs"]
+VARIANTS = ["fused", "ws", "rs", "rs-prep2"]   # rs-prep2: rs with QLA_MEGATRON_HOPPER_PREPARE=v2
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,9 @@ def poison():
 def variant(request, monkeypatch):
     """Selects the forward kernel through the environment variable the op reads on every call."""
     from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk
-    monkeypatch.setenv(hchunk.FORWARD_ENV, request.param)
+    forward, _, prep = request.param.partition("-prep")
+    monkeypatch.setenv(hchunk.FORWARD_ENV, forward)
+    monkeypatch.setenv(hchunk.PREPARE_ENV, f"v{prep}" if prep else "v1")
     return request.param
 
 
@@ -161,3 +163,32 @@ def test_variant_matches_recurrence_long(other, l2norm):
         eo, es = _check(*ws, ro, rs)
         fo, fs = _check(*fused, ro, rs)
         assert eo <= 2 * fo + 1e-4 and es <= 2 * fs + 1e-4, (eo, fo, es, fs)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_rs_gate_driven_intra_cp(varlen):
+    """Gate-driven intra-CP (rs forward): strong-decay heads start their segments from 4-chunk warm-ups,
+    the others compose exactly. o and the final state stay within tolerance of the float64 recurrence,
+    some (segment, head) really was gated, and its o differs from exact mode's by less than the
+    tolerance."""
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc
+    from qla_megatron.ops.gated_delta_rule.hopper.chunk import chunk_gated_delta_rule_fwd
+    if varlen:
+        lens = [2000, 37, 1500, 700]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda")
+        low, h0 = _inputs(1, sum(lens), 2, 8, N=len(lens))
+    else:
+        cu = None
+        low, h0 = _inputs(1, 64 * 40 + 7, 2, 8)
+    ro, rs = _reference(low, h0, cu)
+    exact_cfg = IntraCPConfig(segment_len=512)
+    gate_cfg = IntraCPConfig(segment_len=512, mode="gate", warmup_chunks=4)
+    args = (*low, None, h0, True, cu, True)
+    oe, se = chunk_gated_delta_rule_fwd(*args, intra_cp=exact_cfg, variant="rs")
+    og, sg = chunk_gated_delta_rule_fwd(*args, intra_cp=gate_cfg, variant="rs")
+    _check(oe, se, ro, rs)
+    _check(og, sg, ro, rs)
+    plan = hc._make_plan(tuple(hc.sequence_bounds(*low[1].shape[:2], cu)), 512, torch.device("cuda"), 4)
+    gated = hc.gate_mask(plan, low[3].reshape(-1, 8).float())
+    assert bool(gated.any()) and not bool(gated.all()), "the inputs should gate some (segment, head) pairs"
+    assert rel(og, oe) <= TOL

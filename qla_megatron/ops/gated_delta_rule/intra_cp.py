@@ -12,7 +12,11 @@ planner compares the estimated time of every candidate segment length (whole seq
 down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
 
 Switch: QLA_MEGATRON_INTRA_CP=0 turns it off; QLA_MEGATRON_INTRA_CP_SEGMENT=<tokens> forces a segment
-length (a multiple of 64). Both can also be passed per call through `IntraCPConfig`.
+length (a multiple of 64). QLA_MEGATRON_INTRA_CP_MODE=gate (Hopper "rs" forward only) starts a
+(segment, v-head) from a warm-up over the QLA_MEGATRON_INTRA_CP_WARMUP chunks before it (default 4)
+instead of the exact composition where the decay over that window is below e^-10 (DESIGN §2,
+"gate-driven"; the bound is in segments.segmented_chunk_gated_delta_rule); "exact" (the default)
+always composes. All can also be passed per call through `IntraCPConfig`.
 """
 
 from __future__ import annotations
@@ -33,12 +37,26 @@ class IntraCPConfig:
     summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
     compose_cost: float = 2.5                # one sequential composition step (a batched fp32 product
                                              # and its launch), in chunk-steps
+    mode: str = "exact"                      # "exact" or "gate" (see the module docstring)
+    warmup_chunks: int = 4                   # gate mode: chunks of warm-up before a segment
+
+    def __post_init__(self):
+        if self.mode not in ("exact", "gate"):
+            raise ValueError(f"intra-CP mode must be 'exact' or 'gate', got {self.mode!r}")
+        if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 1:
+            raise ValueError(f"intra-CP warmup_chunks must be an int >= 1, got {self.warmup_chunks!r}")
 
     @staticmethod
     def from_env() -> "IntraCPConfig":
         on = os.environ.get("QLA_MEGATRON_INTRA_CP", "1") != "0"
         seg = os.environ.get("QLA_MEGATRON_INTRA_CP_SEGMENT")
-        return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None)
+        warm = os.environ.get("QLA_MEGATRON_INTRA_CP_WARMUP")
+        try:
+            warm = int(warm) if warm else 4
+        except ValueError:
+            raise ValueError(f"QLA_MEGATRON_INTRA_CP_WARMUP must be a number of chunks, got {warm!r}") from None
+        return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None,
+                             mode=os.environ.get("QLA_MEGATRON_INTRA_CP_MODE", "") or "exact", warmup_chunks=warm)
 
 
 def _pass_time(chunks_per_seq: Sequence[int], seg_chunks: int, programs_per_segment: int,

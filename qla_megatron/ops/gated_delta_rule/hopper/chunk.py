@@ -34,6 +34,7 @@ from .forward import CHUNK, forward_kernel
 from .forward_rs import forward_rs_kernel
 from .forward_ws import forward_ws_kernel
 from .prepare import prepare_kernel
+from .prepare_rs import prepare_rs_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BV = 64
@@ -91,10 +92,14 @@ class _Plan:
     NZ: int
     NC: int
     NS: int
+    # Gate-driven warm-ups, one per summary row (the window before that row's successor segment):
+    warm_segs: Optional[torch.Tensor] = None    # [NSS, 5]; zero-length where the window would reach
+    warm_static: Optional[torch.Tensor] = None  # [NSS] bool: the window lies inside its sequence
+    warm_bounds: Optional[torch.Tensor] = None  # [NSS, 2] long: window (start, end) tokens
 
 
 @functools.lru_cache(maxsize=64)
-def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _Plan:
+def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device, warmup_chunks: int = 0) -> _Plan:
     C = CHUNK
     N = len(bounds) - 1
     chunks, seq_first_chunk = [], []
@@ -121,7 +126,7 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         init_row = seg_row[(n, j)] if seg_len else n
         out_row = n if j == last_j[n] else -1
         segs.append((s, e, c0, init_row, out_row))
-    sum_segs, steps, first_z, z_of_seg, NZ = None, (), None, None, 0
+    sum_segs, steps, first_z, z_of_seg, NZ, warm = None, (), None, None, 0, {}
     if seg_len and any(v > 0 for v in last_j.values()):
         # Sequences with the most segments first: then, for every j, the sequences that have a
         # segment j + 1 are a prefix of those that have a segment j, and each composition step is
@@ -147,16 +152,41 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         first_z = torch.tensor(by_len, dtype=torch.long).to(device)
         z_of_seg = torch.tensor([z_row[(pieces[i][3], pieces[i][4])] for i in order], dtype=torch.long).to(device)
         NZ = len(z_row)
+        if warmup_chunks:
+            rows, static, wb = [], [], []
+            for (n, j), r in sum_row.items():
+                s1 = pos[(n, j + 1)][0]
+                w = s1 - warmup_chunks * C
+                inside = w > bounds[n]       # a window reaching the sequence start is not taken
+                w = w if inside else s1
+                rows.append((w, s1, seq_first_chunk[n] + (w - bounds[n]) // C, 0, r))
+                static.append(inside)
+                wb.append((w, s1))
+            warm = dict(warm_segs=torch.tensor(rows, dtype=torch.int32).to(device),
+                        warm_static=torch.tensor(static).to(device), warm_bounds=torch.tensor(wb).to(device))
     return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
                  segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs))
+                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs),
+                 **warm)
 
 
-def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int) -> torch.Tensor:
+def gate_mask(plan: _Plan, g: torch.Tensor, log_threshold: float = -10.0) -> torch.Tensor:
+    """[NSS, HV] bool: which successor segments start from their warm-up (gate-driven intra-CP):
+    the decay over the window, exp(sum g), is below exp(log_threshold) and the window lies inside its
+    sequence. g [Tt, HV] fp32, the packed stream's log decays. On the device, no host sync."""
+    csum = torch.cat([g.new_zeros(1, g.shape[1], dtype=torch.float64), g.to(torch.float64).cumsum(0)])
+    decay = csum[plan.warm_bounds[:, 1]] - csum[plan.warm_bounds[:, 0]]
+    return (decay < log_threshold) & plan.warm_static[:, None]
+
+
+def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int,
+                   warm: Optional[torch.Tensor] = None, gated: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32:
     Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0). summ [NSS, HV, K, K + V] from
     the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V] in the main pass's row order.
-    One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential."""
+    One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential.
+    Gate mode: warm [NSS, HV, K, V] (warm-up states, summary-row order) replaces Z[n, j + 1] for the
+    (row, v-head) pairs where gated [NSS, HV] is set (their summaries were skipped)."""
     NSS, HV, _, W = summ.shape
     V = W - K
     M, ext = summ[..., :K].contiguous(), summ[..., K:].contiguous()   # so every step's slices are views
@@ -167,6 +197,8 @@ def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], 
         n = sl.stop - sl.start
         torch.baddbmm(ext[sl].reshape(n * HV, K, V), M[sl].reshape(n * HV, K, K), Z[cur].reshape(n * HV, K, V),
                       out=Z[nxt].view(n * HV, K, V))
+        if gated is not None:
+            Z[nxt] = torch.where(gated[sl][:, :, None, None], warm[sl], Z[nxt])
     return Z[plan.z_of_seg]
 
 
@@ -203,12 +235,31 @@ def _prepare_norm_q(q, k, g, beta, chunks, HV):
     return Gc, Bc, Rk, A, Rq
 
 
+# Which kernel makes the rs chunk factors: "v1" prepare.py (rs_factors=True; verified on an H100),
+# "v2" prepare_rs.py (two v-heads a program, four programs an SM; not yet run on a GPU).
+PREPARE_ENV = "QLA_MEGATRON_HOPPER_PREPARE"
+
+
+def prepare_version() -> str:
+    name = os.environ.get(PREPARE_ENV, "") or "v1"
+    if name not in ("v1", "v2"):
+        raise ValueError(f"{PREPARE_ENV}={name!r}: choose 'v1' or 'v2'")
+    return name
+
+
+def heads_per_prepare(H: int, HV: int) -> int:
+    return 2 if (HV // H) % 2 == 0 else 1
+
+
 def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
-    """Launch prepare_kernel(rs_factors=True): the chunk factors of forward_rs.py. q, k [Tt, H, K]
-    dtype, g, beta [Tt, HV] fp32. Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
+    """Launch the rs chunk-factor kernel ($QLA_MEGATRON_HOPPER_PREPARE). q, k [Tt, H, K] dtype,
+    g, beta [Tt, HV] fp32. Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, rs_factors=True)
+    if prepare_version() == "v2":
+        kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, HP=heads_per_prepare(H, HV))
+    else:
+        kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, rs_factors=True)
     Ag = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     P = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     F = _empty(NC, HV, 4, CHUNK, dtype=torch.float32, device=k.device)
@@ -216,20 +267,25 @@ def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
     return Ag, P, F
 
 
-def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None):
-    """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None)."""
+def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, skip=None,
+               warm=False):
+    """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None).
+    summary: the [M | S_ext] pass, skip [NSS, HV] int32 (or None) its skipped programs; warm: the
+    gate-driven warm-up pass (end states from zero, no o)."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     Wd = K + V if summary else V
     dev = k.device
     kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                             store_final=n_final > 0, save_states=states is not None, BV=bv_rs(V))
+                             store_final=n_final > 0, save_states=states is not None, warm=warm, BV=bv_rs(V))
+    if skip is None:
+        skip = torch.zeros(1, HV, dtype=torch.int32, device=dev)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
-    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
+    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not (summary or warm) else \
         torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    kern(q, k, v, Ag, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
+    kern(q, k, v, Ag, P, F, segs, skip, h0 if h0 is not None else dummy, o, ht, st)
     return o, (ht if n_final else None)
 
 
@@ -275,11 +331,13 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     bounds = tuple(sequence_bounds(B, T, cu_seqlens))
     N = len(bounds) - 1
     lens = [bounds[n + 1] - bounds[n] for n in range(N)]
+    cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
     seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=bv_rs(V) if variant == "rs" else BV,
-                               config=intra_cp)
+                               config=cfg)
     if seg_len is not None and seg_len >= max(lens):
         seg_len = None
-    plan = _make_plan(bounds, seg_len, dev)
+    gate = cfg.mode == "gate" and variant == "rs"     # the other kernels have no warm-up pass
+    plan = _make_plan(bounds, seg_len, dev, cfg.warmup_chunks if gate else 0)
 
     qf, kf = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
     l2 = bool(use_qk_l2norm_in_kernel)   # fused: the kernels scale by 1 / ||q||, 1 / ||k||
@@ -295,8 +353,15 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     else:
         run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant)
     if plan.sum_segs is not None:
-        _, summ = run_pass(plan.sum_segs, n_final=plan.sum_segs.shape[0], summary=True)
-        h0 = compose_starts(plan, summ, h0, K)
+        NSS = plan.sum_segs.shape[0]
+        if plan.warm_segs is not None:       # gate-driven: skip the summaries the warm-ups replace
+            gated = gate_mask(plan, gf)
+            _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True, skip=gated.to(torch.int32))
+            _, warm = run_pass(plan.warm_segs, n_final=NSS, warm=True)
+            h0 = compose_starts(plan, summ, h0, K, warm=warm, gated=gated)
+        else:
+            _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True)
+            h0 = compose_starts(plan, summ, h0, K)
     o, ht = run_pass(plan.segs, h0=h0, n_final=N if output_final_state else 0)
     return o.view(B, T, HV, V), ht
 
@@ -311,18 +376,22 @@ def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant):
     return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2, variant=variant, Rq=Rq)
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD):
+def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD, gate=False):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
-    length and batch are symbolic, so this set serves every length. Same order for both variants."""
+    length and batch are symbolic, so this set serves every length. Same order for every variant;
+    gate=True (rs only) appends the warm-up kernel of gate-driven intra-CP."""
     d = _DTYPES[dtype]
     if variant == "rs":
         main = dict(summary=False, BV=bv_rs(V))
-        return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, rs_factors=True)),
+        prep = (("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, HP=heads_per_prepare(H, HV))) if prepare_version() == "v2"
+                else ("prepare", (H, HV, K, d), dict(l2norm=l2norm, rs_factors=True)))
+        return [prep,
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V)))]
+                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V)))] + \
+            ([("forward_rs", (H, HV, K, V, d), dict(warm=True, store_final=True, BV=bv_rs(V)))] if gate else [])
     if variant == "ws":
         main = dict(summary=False, BV=BV, l2norm=l2norm)
         return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, norm_q=l2norm)),
@@ -344,7 +413,7 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
 def _compile_one(item):
     name, args, kwargs = item
     factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_ws": forward_ws_kernel,
-               "forward_rs": forward_rs_kernel}[name]
+               "forward_rs": forward_rs_kernel, "prepare_rs": prepare_rs_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t

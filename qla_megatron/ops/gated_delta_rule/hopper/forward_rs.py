@@ -30,7 +30,10 @@ each owning 64 state columns (64 rows of S^T): their chains are independent and 
 q, k, Ag, P tiles in shared memory, loaded once by TileLang's TMA producer warpgroup.
 
 Summary mode (intra-card CP): state [M | S_ext] (K x (K + V)), started from [I | 0], no o; the
-programs whose columns are M use no v (V^T = 0).
+programs whose columns are M use no v (V^T = 0). A (segment, v-head) whose successor starts from a
+gate-driven warm-up (skip[s, hv] != 0) walks no chunks: its M = I, S_ext = 0 are never used.
+
+Warm mode (gate-driven intra-CP): the state of a short window before a segment, from zero, no o.
 """
 
 import tilelang
@@ -46,7 +49,7 @@ def forward_rs_kernel(
     # task config
     H: int, HV: int, K: int, V: int, dtype: str,
     summary: bool = False, has_initial: bool = False, store_final: bool = True,
-    save_states: bool = False,
+    save_states: bool = False, warm: bool = False,
     # kernel config
     BV: int = 128, num_stages: int = 2,
 ):
@@ -54,17 +57,19 @@ def forward_rs_kernel(
 
     q, k [Tt, H, K], v [Tt, HV, V] dtype; Ag, P [NC, HV, C, C] dtype, F [NC, HV, 4, C] fp32 (prepare,
     rs_factors=True); segs [NS, 5] int32 = (first token, end token, first chunk id, row of h0, row of
-    ht or -1); h0 [NI, HV, K, W] fp32; o [Tt, HV, V] dtype; ht [NF, HV, K, W] fp32; states
-    [NH, HV, K, V] dtype (start state of every chunk, for the backward).
+    ht or -1); skip [NK, HV] int32 (read in summary mode only; NK = NS there); h0 [NI, HV, K, W] fp32;
+    o [Tt, HV, V] dtype; ht [NF, HV, K, W] fp32; states [NH, HV, K, V] dtype (start state of every
+    chunk, for the backward).
     """
+    assert not (summary and warm), "summary and warm are two different passes"
     C = CHUNK
     GQ = HV // H
     W = K + V if summary else V
     # A block of state columns is all M or all S_ext in summary mode (K % BV == 0).
     assert BV in (64, 128) and V % BV == 0 and K % 64 == 0 and (K % BV == 0 or not summary), (K, V, BV)
-    Tt, NC, NS, NI, NF, NH = T.dynamic("Tt, NC, NS, NI, NF, NH")
+    Tt, NC, NS, NI, NF, NH, NK = T.dynamic("Tt, NC, NS, NI, NF, NH, NK")
     acc = "float32"
-    out = not summary
+    out = not (summary or warm)
 
     @T.prim_func
     def kernel(
@@ -75,6 +80,7 @@ def forward_rs_kernel(
         P: T.Tensor((NC, HV, C, C), dtype),
         F: T.Tensor((NC, HV, 4, C), acc),
         segs: T.Tensor((NS, 5), "int32"),
+        skip: T.Tensor((NK, HV), "int32"),
         h0: T.Tensor((NI, HV, K, W), acc),
         o: T.Tensor((Tt, HV, V), dtype),
         ht: T.Tensor((NF, HV, K, W), acc),
@@ -118,7 +124,8 @@ def forward_rs_kernel(
             else:
                 T.clear(St)
 
-            n_chunks = T.ceildiv(t_end - t_beg, C)
+            n_chunks = (T.if_then_else(skip[s, hv] != 0, 0, T.ceildiv(t_end - t_beg, C)) if summary
+                        else T.ceildiv(t_end - t_beg, C))
             for ic in T.Pipelined(n_chunks, num_stages=num_stages):
                 t0 = t_beg + ic * C
                 cid = c_beg + ic
