@@ -9,8 +9,8 @@ q, k, v, o, g, beta moved once; FLOPs = the chunked algorithm's matrix products 
 
 Options: --configs 8/2,16/4 (v-heads/qk-heads), --lengths 1x8192,varlen, --peers fla,flashqla,
 --flashqla-configs 32/16,8/2 (FlashQLA compiles for minutes per new shape; others are marked not run),
---forward fused,ws,rs: our forward kernel variants (hopper/chunk.py), each timed in the same run as
-"ours-<variant>" (err = rel. L2 of its o vs the first variant's; the first variant's row vs FLA's).
+--forward rs,fused,...: our forward kernel variants (hopper/chunk.py; OURS below), each timed in the same
+run as "ours-<variant>" (err = rel. L2 of its o vs the first variant's; the first variant's row vs FLA's).
 """
 
 import argparse
@@ -71,7 +71,17 @@ def floor_ms(tokens, H, HV, bw, rate):
 
 
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-OURS = {v: f"ours-{v}" for v in ("fused", "ws", "rs")}     # forward variant -> runner name
+# Our runners: forward variant -> runner name. "rs-prep2" / "rs-gate" / "rs-prep2-gate" are the rs kernel
+# with the opt-in QLA_MEGATRON_HOPPER_PREPARE=v2 and / or QLA_MEGATRON_INTRA_CP_MODE=gate.
+OURS = {v: f"ours-{v}" for v in ("fused", "ws", "rs", "rs-prep2", "rs-gate", "rs-prep2-gate")}
+
+
+def set_variant_env(variant):
+    """The environment the op reads on every call, for one of OURS."""
+    base, *opts = variant.split("-")
+    os.environ[FORWARD_ENV] = base
+    os.environ["QLA_MEGATRON_HOPPER_PREPARE"] = "v2" if "prep2" in opts else "v1"
+    os.environ["QLA_MEGATRON_INTRA_CP_MODE"] = "gate" if "gate" in opts else "exact"
 
 
 def runners(peers, variants=("fused",)):
@@ -108,7 +118,7 @@ def main():
     ap.add_argument("--peers", default="fla,flashqla")
     ap.add_argument("--flashqla-configs", default="32/16,8/2")
     ap.add_argument("--out", default=None, help="path prefix for the .md table and .png plot")
-    ap.add_argument("--forward", default="fused", help="our forward variants to time, e.g. fused,rs")
+    ap.add_argument("--forward", default="rs", help=f"our forward variants to time, e.g. fused,rs; from {sorted(OURS)}")
     args = ap.parse_args()
     variants = args.forward.split(",")
     for v in variants:
@@ -138,7 +148,7 @@ def main():
                 if name == "flashqla" and cfg not in fq_ok:
                     continue
                 if name in variant_of:     # read by the op on every call
-                    os.environ[FORWARD_ENV] = variant_of[name]
+                    set_variant_env(variant_of[name])
                 try:
                     t0 = time.time()
                     o, s = fn(q, k, v, g, beta, cu)

@@ -10,8 +10,9 @@
 # 3. every GPU test of the variant (-k VARIANT: o and final state vs the float64 recurrence, 1000
 #    bit-identical reruns, the variant vs fused on 37 chunks);
 # 4. per-stage times of both variants at 1 x 32768 (8/2 and 32/16 heads), same run;
-# 5. bench_ops.py: both variants (and the peers, default fla), 8/2 and 32/16 at 1x32768 and 4x8192,
-#    table written to benchmarks/results/ops_forward_h100_VARIANT.md.
+# 5. bench_ops.py: both variants (or $BENCH_VARIANTS, e.g. rs,rs-prep2,rs-gate,rs-prep2-gate) and the
+#    peers (default fla), 8/2 and 32/16 at 1x32768 and 4x8192, table written to
+#    benchmarks/results/ops_forward_h100_VARIANT.md.
 # The timeouts add up to 590 s, under the 600 s a device command may run. Exit status: that of the
 # first step that failed (124 = it timed out).
 set -u
@@ -32,6 +33,6 @@ step 60 python -m pytest -m gpu tests/ops/test_hopper_forward.py -x -q \
     -k "test_heads and $variant and H2-HV8 and B1-T64" || exit $status
 step 170 python -m pytest -m gpu tests/ops/test_hopper_forward.py -q -k "$variant"
 step 80 python benchmarks/hopper_smoke.py --breakdown --forward "fused,$variant"
-step 80 python benchmarks/bench_ops.py --forward "fused,$variant" --peers "$peers" --configs 8/2,32/16 \
+step 80 python benchmarks/bench_ops.py --forward "${BENCH_VARIANTS:-fused,$variant}" --peers "$peers" --configs 8/2,32/16 \
     --lengths 1x32768,4x8192 --out "benchmarks/results/ops_forward_h100_$variant"
 exit $status
