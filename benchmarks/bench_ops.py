@@ -73,7 +73,7 @@ def floor_ms(tokens, H, HV, bw, rate):
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
 # Our runners: forward variant -> runner name. "rs-prep2" / "rs-gate" / "rs-prep2-gate" are the rs kernel
 # with the opt-in QLA_MEGATRON_HOPPER_PREPARE=v2 and / or QLA_MEGATRON_INTRA_CP_MODE=gate.
-OURS = {v: f"ours-{v}" for v in ("fused", "ws", "rs", "rs-prep2", "rs-gate", "rs-prep2-gate")}
+OURS = {v: f"ours-{v}" for v in ("fused", "rs", "rs-prep2", "rs-gate", "rs-prep2-gate")}
 
 
 def set_variant_env(variant):

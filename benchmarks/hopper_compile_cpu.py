@@ -5,10 +5,10 @@ and an empty stub serves (shared/gpu/README.md, "Compile on the CPU first"). For
 prints the TileLang compile time, then registers per thread, spills, named barriers and shared memory
 from `nvcc -Xptxas -v` on the generated source:
 
-    python benchmarks/hopper_compile_cpu.py                       # forward_ws, H/HV 2/8 and 16/32
+    python benchmarks/hopper_compile_cpu.py                       # forward_rs, H/HV 2/8 and 16/32
     python benchmarks/hopper_compile_cpu.py --kernel forward --heads 2/8
-    python benchmarks/hopper_compile_cpu.py --keep /tmp/ws        # also keep the .cu sources
-    python benchmarks/hopper_compile_cpu.py --kernel prepare      # prepare, with and without norm_q
+    python benchmarks/hopper_compile_cpu.py --keep /tmp/rs        # also keep the .cu sources
+    python benchmarks/hopper_compile_cpu.py --kernel prepare      # prepare, with and without rs_factors
 
 Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
 
@@ -97,7 +97,7 @@ def dynamic_smem(host_src: str, threads: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="forward_ws", choices=["forward_ws", "forward", "prepare"])
+    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare"])
     ap.add_argument("--heads", default="2/8,16/32", help="H/HV pairs")
     ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
     ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
@@ -106,7 +106,7 @@ def main():
     import tilelang
     if not args.warm:
         tilelang.disable_cache()
-    from qla_megatron.ops.gated_delta_rule.hopper import forward, forward_ws, prepare
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk, forward, forward_rs, prepare
     fast = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
     exact = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
     if args.keep:
@@ -115,11 +115,19 @@ def main():
     for hh in args.heads.split(","):
         H, HV = map(int, hh.split("/"))
         if args.kernel == "prepare":
-            variants = [(dict(l2norm=l2, norm_q=nq), exact) for l2, nq in ((False, False), (True, False), (True, True))]
+            variants = [(dict(l2norm=l2, rs_factors=rs), exact) for rs in (False, True) for l2 in (False, True)]
             factory = prepare.prepare_kernel
             pos = (H, HV, 128, "bfloat16")
+        elif args.kernel == "forward_rs":
+            factory = forward_rs.forward_rs_kernel
+            pos = (H, HV, 128, 128, "bfloat16")
+            bv = chunk.bv_rs(128)
+            variants = [(dict(has_initial=hi, store_final=sf, BV=bv), fast)
+                        for hi, sf in ((False, True), (True, True), (True, False), (False, False))]
+            variants += [(dict(summary=True, store_final=True, BV=bv), fast),
+                         (dict(warm=True, store_final=True, BV=bv), fast)]
         else:
-            factory = forward_ws.forward_ws_kernel if args.kernel == "forward_ws" else forward.forward_kernel
+            factory = forward.forward_kernel
             pos = (H, HV, 128, 128, "bfloat16")
             variants = []
             for l2 in (False, True):
@@ -127,8 +135,6 @@ def main():
                     variants.append((dict(l2norm=l2, has_initial=hi, store_final=sf), fast))
                 variants.append((dict(l2norm=l2, summary=True, store_final=True), fast))
         for kw, cfg in variants:
-            if args.kernel == "prepare" and kw["norm_q"] and not kw["l2norm"]:
-                continue
             t = time.time()
             kern = tilelang.compile(factory.get_tir(*pos, **kw), target=TARGET, pass_configs=cfg)
             dt = time.time() - t

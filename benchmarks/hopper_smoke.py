@@ -3,7 +3,7 @@ kernels the GPU tests need, then a quick timing of ours. Used from one device ca
 
     source .gpu/env.sh && python benchmarks/hopper_smoke.py
 
---forward fused,ws,rs (default fused) names the forward kernel variants (hopper/chunk.py) whose cold compile is
+--forward fused,rs (default fused) names the forward kernel variants (hopper/chunk.py) whose cold compile is
 measured and whose kernels are precompiled; with --breakdown, each variant is timed in the same run.
 """
 import os
@@ -54,16 +54,16 @@ def main():
 
 def precompile_tests(variants=("fused",)):
     """Kernels the GPU tests and bench_ops.py use, compiled in parallel into the disk cache. The tests
-    that run the ws variant also run the fused one, so "ws" brings the fused set along."""
+    that run the rs variant also run the fused one, so "rs" brings the fused set along."""
     heads = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]
     todo = []
-    # The long-run tests compare ws / rs with fused, so either brings the fused set along.
-    for v in (["fused"] + [x for x in variants if x != "fused"] if {"ws", "rs"} & set(variants) else list(variants)):
+    # The long-run tests compare rs with fused, so rs brings the fused set along.
+    for v in (["fused"] + [x for x in variants if x != "fused"] if "rs" in variants else list(variants)):
         todo += [it for h, hv in heads for i, it in enumerate(forward_set(h, hv, 128, 128, variant=v)) if i in (0, 1, 2, 5)]
         todo += [it for V in (64, 128, 256) for i, it in enumerate(forward_set(2, 4, 128, V, variant=v))
                  if i in ((0, 2) if V == 64 else (2,))]
         todo += [it for i, it in enumerate(forward_set(2, 4, 128, 128, torch.float16, variant=v)) if i in (0, 2)]
-        # test_ws_matches_recurrence_long without l2norm (both variants)
+        # test_variant_matches_recurrence_long without l2norm (both variants)
         todo += [it for i, it in enumerate(forward_set(2, 8, 128, 128, l2norm=False, variant=v)) if i in (0, 2, 5)]
     if "rs" in variants:   # test_rs_gate_driven_intra_cp: the warm-up kernel, 2/8 heads
         todo += [it for it in forward_set(2, 8, 128, 128, variant="rs", gate=True)[1:] if it[2].get("warm")]
@@ -101,12 +101,9 @@ def breakdown(variants=("fused",)):
                 factors = prep()
                 fw = lambda segs, **kw: hc.forward_rs(q, k, v, *factors, segs, **kw)
             else:
-                qn = q if var == "ws" else None      # ws: 1/||q|| from prepare (norm_q)
-                prep = lambda: hc.prepare(k, g, b, whole.chunks, HV, l2norm=True, q=qn)
-                Gc, Bc, Rk, A, *Rq = prep()
-                Rq = Rq[0] if Rq else None
-                fw = lambda segs, **kw: hc.forward(q, k, v, Gc, Bc, Rk, A, segs, 0.1, l2norm=True, variant=var,
-                                                   Rq=Rq, **kw)
+                prep = lambda: hc.prepare(k, g, b, whole.chunks, HV, l2norm=True)
+                Gc, Bc, Rk, A = prep()
+                fw = lambda segs, **kw: hc.forward(q, k, v, Gc, Bc, Rk, A, segs, 0.1, l2norm=True, **kw)
             out = {"prepare": bench(prep), "forward, no intra-CP": bench(lambda: fw(whole.segs, n_final=1))}
             if var == "rs":   # the other chunk-factor kernel, same inputs ($QLA_MEGATRON_HOPPER_PREPARE)
                 other = "v1" if hc.prepare_version() == "v2" else "v2"

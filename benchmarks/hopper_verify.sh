@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Verify and time one Hopper forward variant (hopper/chunk.py: ws or rs) against the default (fused)
+# Verify and time one Hopper forward variant (hopper/chunk.py: rs) against forward.py's (fused)
 # in one device call:
 #
 #     source .gpu/env.sh && bash benchmarks/hopper_verify.sh rs [peers]
@@ -16,7 +16,7 @@
 # The timeouts add up to 590 s, under the 600 s a device command may run. Exit status: that of the
 # first step that failed (124 = it timed out).
 set -u
-variant=${1:?usage: hopper_verify.sh ws|rs [peers]}
+variant=${1:?usage: hopper_verify.sh rs [peers]}
 peers=${2:-fla}
 status=0
 step() {   # step SECONDS command...

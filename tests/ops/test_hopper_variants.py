@@ -1,14 +1,14 @@
 """CPU checks of the Hopper forward's variant switch ($QLA_MEGATRON_HOPPER_FORWARD): which factory each
 value picks, that a bad value raises a ValueError naming the variable, and that the precompile list of
-the ws variant names kernels that exist. Builds TileLang's IR for the ws kernel (front end only: no
-CUDA is generated or compiled, no GPU is touched)."""
+the rs variant names kernels that exist. Builds TileLang's IR for the rs kernels (front end only: no
+CUDA is generated or compiled, no GPU is touched); checks the rs algebra against the recurrence in
+float64, and the intra-CP plans (composition, gate-driven warm-ups)."""
 
 import pytest
 import torch
 
 from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk
 from qla_megatron.ops.gated_delta_rule.hopper.forward import forward_kernel
-from qla_megatron.ops.gated_delta_rule.hopper.forward_ws import forward_ws_kernel
 
 
 def test_default_is_the_register_state_kernel(monkeypatch):
@@ -20,11 +20,13 @@ def test_default_is_the_register_state_kernel(monkeypatch):
     assert hchunk.forward_factory() is forward_rs_kernel
 
 
-def test_env_picks_ws(monkeypatch):
-    monkeypatch.setenv(hchunk.FORWARD_ENV, "ws")
-    assert hchunk.forward_variant() == "ws"
-    assert hchunk.forward_factory() is forward_ws_kernel
-    assert hchunk.forward_factory("fused") is forward_kernel       # an explicit argument wins
+def test_env_picks_fused(monkeypatch):
+    from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
+    monkeypatch.setenv(hchunk.FORWARD_ENV, "fused")
+    assert hchunk.forward_variant() == "fused"
+    assert hchunk.forward_factory() is forward_kernel
+    assert hchunk.forward_variant("rs") == "rs"
+    assert hchunk.forward_factory("rs") is forward_rs_kernel       # an explicit argument wins
 
 
 def test_bad_values_raise(monkeypatch):
@@ -33,6 +35,8 @@ def test_bad_values_raise(monkeypatch):
         hchunk.forward_variant()
     with pytest.raises(ValueError, match="variant='tma'"):
         hchunk.forward_variant("tma")
+    with pytest.raises(ValueError, match="variant='ws'"):          # removed, superseded by rs
+        hchunk.forward_variant("ws")
 
 
 def test_op_reads_the_switch_before_any_gpu_work(monkeypatch):
@@ -44,94 +48,13 @@ def test_op_reads_the_switch_before_any_gpu_work(monkeypatch):
         hchunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, None, None, True, None, True)
 
 
-@pytest.mark.parametrize("l2norm", [True, False])
-def test_ws_forward_set(l2norm):
-    fused = hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="fused")
-    ws = hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="ws")
-    assert len(ws) == len(fused)
-    assert ws[0] == ("prepare", (2, 8, 128, "bfloat16"), dict(l2norm=l2norm, norm_q=l2norm))
-    assert {n for n, _, _ in ws[1:]} == {"forward_ws"}
-    # Same task configs as the fused set, kernel config aside.
-    strip = lambda kw: {k: v for k, v in kw.items() if k != "async_mma"}
-    assert [strip(kw) for _, _, kw in fused[1:]] == [kw for _, _, kw in ws[1:]]
-    assert hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm) == \
-        hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="rs")
-
-
-@pytest.mark.parametrize("summary", [False, True], ids=["output", "summary"])
-def test_ws_kernel_builds_ir(summary):
-    """Front end only: the factory parses and yields a PrimFunc with the launcher's argument order."""
-    f = forward_ws_kernel.get_tir(2, 8, 128, 128, "bfloat16", summary=summary, l2norm=True, has_initial=True)
-    names = [p.name.removesuffix("_handle") for p in f.params]
-    assert names == ["q", "k", "v", "Gc", "Bc", "Rk", "Rq", "A", "segs", "h0", "sc", "o", "ht", "states"]
-
-
-def _ws_emulated(q, k, v, g, beta, h0, scale, l2norm, junk_pad=True):
-    """The ws kernel's per-chunk algebra (forward_ws.py's docstring) for one sequence and one v-head
-    in float64, with prepare's conventions: pad rows of the last chunk get beta = g = 0, prepare sees
-    them as zero q/k rows (so Rq = Rk = 1/sqrt(1e-6) there), while the forward reads whatever follows
-    in memory (here: random junk)."""
-    C = 64
-    T, Kd = k.shape
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
-    if pad:
-        junk = (lambda *s: torch.randn(*s, dtype=torch.float64)) if junk_pad else \
-            (lambda *s: torch.zeros(*s, dtype=torch.float64))
-        q, k, v = torch.cat([q, junk(pad, Kd)]), torch.cat([k, junk(pad, Kd)]), torch.cat([v, junk(pad, v.shape[1])])
-    valid = torch.arange(n_chunks * C) < T
-    g = torch.cat([g, g.new_zeros(pad)])
-    beta = torch.cat([beta, beta.new_zeros(pad)])
-    S = h0.clone()
-    o = torch.zeros(n_chunks * C, v.shape[1], dtype=torch.float64)
-    for c in range(n_chunks):
-        sl = slice(c * C, (c + 1) * C)
-        Q, Kc, Vc, b, m = q[sl], k[sl], v[sl], beta[sl], valid[sl]
-        G = torch.cumsum(g[sl], 0)
-        one = torch.ones(C, dtype=torch.float64)
-        Rk = torch.rsqrt((Kc * m[:, None]).pow(2).sum(1) + 1e-6) if l2norm else one
-        Rq = torch.rsqrt((Q * m[:, None]).pow(2).sum(1) + 1e-6) if l2norm else one
-        Kn = Kc * m[:, None] * Rk[:, None]                                    # what prepare sees
-        L = torch.tril(b[:, None] * (Kn @ Kn.T), -1)
-        A = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + L)
-        low = torch.tril(torch.ones(C, C, dtype=torch.bool))
-        Gam = torch.where(low, torch.exp(G[:, None] - G[None, :]), torch.zeros((), dtype=torch.float64))
-        Ag = torch.where(low, A * Gam * b[None, :], torch.zeros((), dtype=torch.float64))
-        Wa = torch.where(low, A * torch.exp(G)[:, None] * (b * Rk)[None, :], torch.zeros((), dtype=torch.float64))
-        Wn = -(Wa @ Kc)
-        P = torch.where(low, scale * Rq[:, None] * Rk[None, :] * (Q @ Kc.T) * Gam,
-                        torch.zeros((), dtype=torch.float64))
-        Qg = Q * (scale * Rq * torch.exp(G))[:, None]
-        Ke = Kc * (torch.exp(G[-1] - G) * Rk)[:, None]
-        Vd = Ag @ Vc + Wn @ S
-        o[sl] = Qg @ S + P @ Vd
-        S = torch.exp(G[-1]) * S + Ke.T @ Vd
-    return o[:T], S
-
-
-@pytest.mark.parametrize("l2norm", [True, False], ids=["l2norm", "no-l2norm"])
-@pytest.mark.parametrize("T", [1, 63, 64, 200])
-def test_ws_algebra_matches_recurrence(T, l2norm):
-    """The factorization forward_ws.py computes (Ag, Wn, P, Qg, Ke; pad rows reading junk) equals the
-    float64 token-by-token recurrence: a check of the algebra only, not of the kernel."""
-    from qla_megatron.ops import recurrent_gated_delta_rule
-    from .gdr_inputs import make_inputs, rel
-    q, k, v, g, beta, h0 = make_inputs(1, T, 1, 2, 32, 16)
-    if not l2norm:
-        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
-    scale = 32 ** -0.5
-    ro, rs = recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=True,
-                                        use_qk_l2norm_in_kernel=l2norm)
-    for hv in range(2):
-        o, s = _ws_emulated(q[0, :, 0], k[0, :, 0], v[0, :, hv], g[0, :, hv], beta[0, :, hv], h0[0, hv],
-                            scale, l2norm)
-        assert rel(o, ro[0, :, hv]) < 1e-10 and rel(s, rs[0, hv]) < 1e-10
-
-
 def test_rs_forward_set_and_ir():
     rs = hchunk.forward_set(2, 8, 128, 128, variant="rs")
     assert rs[0] == ("prepare", (2, 8, 128, "bfloat16"), dict(l2norm=True, rs_factors=True))
     assert {n for n, _, _ in rs[1:]} == {"forward_rs"} and len(rs) == 6
+    for l2norm in (True, False):      # rs is the default
+        assert hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm) == \
+            hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="rs")
     from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
     from qla_megatron.ops.gated_delta_rule.hopper.prepare import prepare_kernel
     f = forward_rs_kernel.get_tir(2, 8, 128, 128, "bfloat16", has_initial=True)

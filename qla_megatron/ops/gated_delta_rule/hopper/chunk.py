@@ -7,15 +7,12 @@
 
 Without intra-card CP (one segment per sequence) only prepare and forward run.
 
-Three forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
+Two forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
 
     rs     (default) forward_rs.py: the state transposed in registers, every chain product in wgmma's
            register-operand form; the chunk factors (Ag, P, F) come from prepare (rs_factors);
            verified on an H100 (all GPU tests, incl. V = 64 / 256 and fp16), 1.4-2.4x faster than fused
     fused  forward.py: TileLang's automatic warp specialization; verified on an H100 for bf16, V = 128
-    ws     forward_ws.py: hand warp-specialized, the state-free half of chunk i + 1 overlapping chunk
-           i's state chain, 1/||q|| from prepare (norm_q); correct on an H100 but ~1.3x slower than
-           fused (benchmarks/results/ops_forward_h100_ws.md)
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
 from .forward import CHUNK, forward_kernel
 from .forward_rs import forward_rs_kernel
-from .forward_ws import forward_ws_kernel
 from .prepare import prepare_kernel
 from .prepare_rs import prepare_rs_kernel
 
@@ -48,13 +44,12 @@ def bv_rs(V: int) -> int:
 ASYNC_MMA = os.environ.get("QLA_MEGATRON_HOPPER_SYNC_MMA", "0") != "1"
 # Forward kernel variant (see the module docstring); the default is the fastest GPU-verified kernel.
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-FORWARD_VARIANTS = {"fused": forward_kernel, "ws": forward_ws_kernel, "rs": forward_rs_kernel}
+FORWARD_VARIANTS = {"fused": forward_kernel, "rs": forward_rs_kernel}
 DEFAULT_FORWARD = "rs"
 # What each variant was verified for on an H100 (tests/ops/test_hopper_forward.py): the backend serves
 # nothing else with it.
 VERIFIED = {"rs": dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16)),
-            "fused": dict(V=(128,), dtypes=(torch.bfloat16,)),
-            "ws": dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16))}
+            "fused": dict(V=(128,), dtypes=(torch.bfloat16,))}
 # Tests set this to fill every output with NaN before the kernels run (unwritten elements then show).
 POISON_OUTPUTS = False
 
@@ -207,14 +202,11 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def prepare(k, g, beta, chunks, HV, l2norm=False, q=None):
+def prepare(k, g, beta, chunks, HV, l2norm=False):
     """Launch prepare_kernel. k [Tt, H, K] (dtype), g, beta [Tt, HV] fp32, chunks [NC, 2] int32.
-    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A; given q
-    (with l2norm: the ws forward's norm_q), also Rq [NC, HV, C] = 1 / ||q|| as a fifth."""
+    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    if q is not None:
-        return _prepare_norm_q(q, k, g, beta, chunks, HV)
     kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm)
     Gc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
     Bc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
@@ -223,16 +215,6 @@ def prepare(k, g, beta, chunks, HV, l2norm=False, q=None):
     A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     kern(k, g, beta, chunks, Gc, Bc, Rk, A)
     return Gc, Bc, Rk, A
-
-
-def _prepare_norm_q(q, k, g, beta, chunks, HV):
-    Tt, H, K = k.shape
-    NC = chunks.shape[0]
-    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=True, norm_q=True)
-    Gc, Bc, Rk, Rq = (_empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device) for _ in range(4))
-    A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
-    kern(q, k, g, beta, chunks, Gc, Bc, Rk, A, Rq)
-    return Gc, Bc, Rk, A, Rq
 
 
 # Which kernel makes the rs chunk factors: "v1" prepare.py (rs_factors=True; verified on an H100),
@@ -290,32 +272,23 @@ def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, st
 
 
 def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
-            l2norm=False, variant="fused", Rq=None):
-    """Launch the forward kernel `variant` over the segments in `segs`; "ws" also takes Rq (1 / ||q||
-    from prepare, read with l2norm). Returns ht [n_final, HV, K, W] or None."""
+            l2norm=False):
+    """Launch the "fused" forward kernel (forward.py) over the segments in `segs`.
+    Returns ht [n_final, HV, K, W] or None."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     Wd = K + V if summary else V
     dev = k.device
-    if variant == "ws":
-        kern = forward_ws_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                                 store_final=n_final > 0, save_states=states is not None, l2norm=l2norm, BV=BV)
-    else:
-        kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                              store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
-                              BV=BV, async_mma=ASYNC_MMA)
+    kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
+                          store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
+                          BV=BV, async_mma=ASYNC_MMA)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
     # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
         torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    if variant == "ws":
-        # Without l2norm the kernel reads no Rq; Rk (same shape) stands in for the argument.
-        kern(q, k, v, Gc, Bc, Rk, Rq if Rq is not None else Rk, A, segs, h0 if h0 is not None else dummy,
-             float(scale), o, ht, st)
-    else:
-        kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
+    kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
 
 
@@ -323,7 +296,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
                                use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None,
                                variant: Optional[str] = None):
     """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state).
-    `variant` picks the forward kernel ("fused", "ws" or "rs"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
+    `variant` picks the forward kernel ("fused" or "rs"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
     variant = forward_variant(variant)
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
@@ -351,7 +324,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         Ag, P, F = prepare_rs(qf, kf, gf, bf, plan.chunks, HV, scale, l2)
         run_pass = functools.partial(forward_rs, qf, kf, vf, Ag, P, F)
     else:
-        run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant)
+        run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2)
     if plan.sum_segs is not None:
         NSS = plan.sum_segs.shape[0]
         if plan.warm_segs is not None:       # gate-driven: skip the summaries the warm-ups replace
@@ -366,14 +339,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     return o.view(B, T, HV, V), ht
 
 
-def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2, variant):
-    """prepare for the "fused" / "ws" kernels; returns run_pass(segs, **forward kwargs)."""
-    Rq = None
-    if variant == "ws" and l2:
-        Gc, Bc, Rk, A, Rq = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2, q=qf)
-    else:
-        Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
-    return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2, variant=variant, Rq=Rq)
+def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2):
+    """prepare for the "fused" kernel; returns run_pass(segs, **forward kwargs)."""
+    Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
+    return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2)
 
 
 def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD, gate=False):
@@ -392,14 +361,6 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
                 ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V)))] + \
             ([("forward_rs", (H, HV, K, V, d), dict(warm=True, store_final=True, BV=bv_rs(V)))] if gate else [])
-    if variant == "ws":
-        main = dict(summary=False, BV=BV, l2norm=l2norm)
-        return [("prepare", (H, HV, K, d), dict(l2norm=l2norm, norm_q=l2norm)),
-                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
-                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
-                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
-                ("forward_ws", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-                ("forward_ws", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, l2norm=l2norm))]
     main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
     return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
@@ -412,8 +373,8 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
 
 def _compile_one(item):
     name, args, kwargs = item
-    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_ws": forward_ws_kernel,
-               "forward_rs": forward_rs_kernel, "prepare_rs": prepare_rs_kernel}[name]
+    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_rs": forward_rs_kernel,
+               "prepare_rs": prepare_rs_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t

@@ -31,18 +31,13 @@ LOG2E = 1.4426950408889634
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
 def prepare_kernel(
     # task config
-    H: int, HV: int, K: int, dtype: str, l2norm: bool = False, norm_q: bool = False,
-    rs_factors: bool = False,
+    H: int, HV: int, K: int, dtype: str, l2norm: bool = False, rs_factors: bool = False,
     # kernel config
     threads: int = 128,
 ):
     """Grid (NC, HV). k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first token,
     valid tokens). Writes Gc, Bc [NC, HV, C] fp32 and A [NC, HV, C, C] dtype; with l2norm also
     Rk [NC, HV, C] = 1 / ||k|| (k itself is never rewritten: the forward folds Rk into its factors).
-
-    norm_q=True (with l2norm; for forward_ws.py) takes q [Tt, H, K] as the first argument and Rq
-    [NC, HV, C] = 1 / ||q|| (eps 1e-6, as for k) as the last, so the forward's per-chunk chain has no
-    reduction. norm_q=False builds exactly the kernel it built before the option existed.
 
     rs_factors=True (for forward_rs.py) takes (q, k, g, beta, chunks, sc, Ag, P, F) and writes the
     chunk factors of the register-state forward instead (natural-log gate G = cumsum g, Rk / Rq =
@@ -54,8 +49,6 @@ def prepare_kernel(
     GQ = HV // H
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
-    assert l2norm or not norm_q, "norm_q needs l2norm"
-    assert not (rs_factors and norm_q), "rs_factors computes 1 / ||q|| itself"
 
     @T.macro
     def rs_chunk_factors(q, P, F, sc, ic, hv, hk, t0, n, K_s, g_s, r_s):
@@ -87,7 +80,7 @@ def prepare_kernel(
             F[ic, hv, 3, i] = T.exp2(g_s[C - 1] * LOG2E)
 
     @T.macro
-    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq, P=None, F=None, sc=None):
+    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, P=None, F=None, sc=None):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             hk = hv // GQ
             t0 = chunks[ic, 0]
@@ -135,19 +128,6 @@ def prepare_kernel(
                     if l2norm:
                         Rk[ic, hv, i] = r_s[i]
 
-            if norm_q:
-                Q_s = T.alloc_shared((C, K), dtype)
-                qf = T.alloc_fragment((C, K), acc)
-                nq = T.alloc_fragment((C,), acc)
-                for i, d in T.Parallel(C, K):
-                    Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
-                T.copy(Q_s, qf)
-                for i, d in T.Parallel(C, K):
-                    qf[i, d] = qf[i, d] * qf[i, d]
-                T.reduce_sum(qf, nq, dim=1)
-                for i in T.Parallel(C):
-                    Rq[ic, hv, i] = T.rsqrt(nq[i] + 1e-6)
-
             tx = T.get_thread_binding()
             part = T.alloc_local((4,), acc)
             if tx < C:
@@ -187,22 +167,7 @@ def prepare_kernel(
             P: T.Tensor((NC, HV, C, C), dtype),
             F: T.Tensor((NC, HV, 4, C), acc),
         ):
-            body(k, g, beta, chunks, None, None, None, Ag, q, None, P, F, sc)
-    elif norm_q:
-        @T.prim_func
-        def kernel(
-            q: T.Tensor((Tt, H, K), dtype),
-            k: T.Tensor((Tt, H, K), dtype),
-            g: T.Tensor((Tt, HV), acc),
-            beta: T.Tensor((Tt, HV), acc),
-            chunks: T.Tensor((NC, 2), "int32"),
-            Gc: T.Tensor((NC, HV, C), acc),
-            Bc: T.Tensor((NC, HV, C), acc),
-            Rk: T.Tensor((NC, HV, C), acc),
-            A: T.Tensor((NC, HV, C, C), dtype),
-            Rq: T.Tensor((NC, HV, C), acc),
-        ):
-            body(k, g, beta, chunks, Gc, Bc, Rk, A, q, Rq)
+            body(k, g, beta, chunks, None, None, None, Ag, q, P, F, sc)
     else:
         @T.prim_func
         def kernel(
@@ -215,6 +180,6 @@ def prepare_kernel(
             Rk: T.Tensor((NC, HV, C), acc),
             A: T.Tensor((NC, HV, C, C), dtype),
         ):
-            body(k, g, beta, chunks, Gc, Bc, Rk, A, None, None)
+            body(k, g, beta, chunks, Gc, Bc, Rk, A, None)
 
     return kernel
