@@ -184,16 +184,21 @@ def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], 
     (row, v-head) pairs where gated [NSS, HV] is set (their summaries were skipped)."""
     NSS, HV, _, W = summ.shape
     V = W - K
-    M, ext = summ[..., :K].contiguous(), summ[..., K:].contiguous()   # so every step's slices are views
-    Z = torch.zeros(plan.NZ, HV, K, V, dtype=torch.float32, device=summ.device)
+    # (row, v-head) flattened into one batch dimension, so that every step is slices + one product.
+    M = summ[..., :K].reshape(NSS * HV, K, K)
+    ext = summ[..., K:].reshape(NSS * HV, K, V)
+    Z = torch.zeros(plan.NZ * HV, K, V, dtype=torch.float32, device=summ.device)
     if h0 is not None:
-        Z[:len(plan.first_z)] = h0[plan.first_z]
+        Z[:len(plan.first_z) * HV] = h0[plan.first_z].reshape(-1, K, V)
+    if gated is not None:
+        warm, gated = warm.reshape(NSS * HV, K, V), gated.reshape(NSS * HV, 1, 1)
     for sl, cur, nxt in plan.compose_steps:
-        n = sl.stop - sl.start
-        torch.baddbmm(ext[sl].reshape(n * HV, K, V), M[sl].reshape(n * HV, K, K), Z[cur].reshape(n * HV, K, V),
-                      out=Z[nxt].view(n * HV, K, V))
+        a, b = sl.start * HV, sl.stop * HV
+        out = Z[nxt.start * HV:nxt.stop * HV]
+        torch.baddbmm(ext[a:b], M[a:b], Z[cur.start * HV:cur.stop * HV], out=out)
         if gated is not None:
-            Z[nxt] = torch.where(gated[sl][:, :, None, None], warm[sl], Z[nxt])
+            torch.where(gated[a:b], warm[a:b], out, out=out)
+    Z = Z.view(plan.NZ, HV, K, V)
     return Z[plan.z_of_seg]
 
 
