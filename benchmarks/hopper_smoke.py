@@ -65,8 +65,9 @@ def precompile_tests(variants=("fused",)):
         todo += [it for i, it in enumerate(forward_set(2, 4, 128, 128, torch.float16, variant=v)) if i in (0, 2)]
         # test_variant_matches_recurrence_long without l2norm (both variants)
         todo += [it for i, it in enumerate(forward_set(2, 8, 128, 128, l2norm=False, variant=v)) if i in (0, 2, 5)]
-    if "rs" in variants:   # test_rs_gate_driven_intra_cp: the warm-up kernel, 2/8 heads
-        todo += [it for it in forward_set(2, 8, 128, 128, variant="rs", gate=True)[1:] if it[2].get("warm")]
+    if "rs" in variants:   # the gate-driven warm-up kernel: its GPU test (2/8), the breakdown and bench (16/32)
+        todo += [it for h, hv in ((2, 8), (16, 32)) for it in forward_set(h, hv, 128, 128, variant="rs", gate=True)[1:]
+                 if it[2].get("warm")]
     if "rs" in variants:   # the rs-prep2 tests: prepare v2 for every head config they use
         from qla_megatron.ops.gated_delta_rule.hopper.chunk import heads_per_prepare
         todo += [("prepare_rs", (h, hv, 128, d), dict(l2norm=True, HP=heads_per_prepare(h, hv)))

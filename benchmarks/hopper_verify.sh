@@ -13,7 +13,7 @@
 # 5. bench_ops.py: both variants (or $BENCH_VARIANTS, e.g. rs,rs-prep2,rs-gate,rs-prep2-gate) and the
 #    peers (default fla), 8/2 and 32/16 at 1x32768 and 4x8192, table written to
 #    benchmarks/results/ops_forward_h100_VARIANT.md.
-# The timeouts add up to 590 s, under the 600 s a device command may run. Exit status: that of the
+# The timeouts add up to 580 s, under the 600 s a device command may run. Exit status: that of the
 # first step that failed (124 = it timed out).
 set -u
 variant=${1:?usage: hopper_verify.sh rs [peers]}
@@ -28,11 +28,11 @@ step() {   # step SECONDS command...
     [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
     return $rc
 }
-step 200 python benchmarks/hopper_smoke.py --precompile-only --forward "fused,$variant" || exit $status
-step 60 python -m pytest -m gpu tests/ops/test_hopper_forward.py -x -q \
+step 130 python benchmarks/hopper_smoke.py --precompile-only --forward "fused,$variant" || exit $status
+step 40 python -m pytest -m gpu tests/ops/test_hopper_forward.py -x -q \
     -k "test_heads and $variant and H2-HV8 and B1-T64" || exit $status
-step 170 python -m pytest -m gpu tests/ops/test_hopper_forward.py -q -k "$variant"
-step 80 python benchmarks/hopper_smoke.py --breakdown --forward "fused,$variant"
-step 80 python benchmarks/bench_ops.py --forward "${BENCH_VARIANTS:-fused,$variant}" --peers "$peers" --configs 8/2,32/16 \
+step 100 python -m pytest -m gpu tests/ops/test_hopper_forward.py -q -k "$variant"
+step 100 python benchmarks/hopper_smoke.py --breakdown --forward "fused,$variant"
+step 210 python benchmarks/bench_ops.py --forward "${BENCH_VARIANTS:-fused,$variant}" --peers "$peers" --configs 8/2,32/16 \
     --lengths 1x32768,4x8192 --out "benchmarks/results/ops_forward_h100_$variant"
 exit $status
