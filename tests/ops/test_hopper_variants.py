@@ -215,3 +215,28 @@ def test_intra_cp_config_mode():
         IntraCPConfig(mode="fast")
     with pytest.raises(ValueError, match="warmup_chunks"):
         IntraCPConfig(mode="gate", warmup_chunks=0)
+
+
+@pytest.mark.parametrize("summary,warm", [(True, False), (False, False), (False, True)])
+def test_forward_rs_launcher_skip_flags(monkeypatch, summary, warm):
+    """The summary kernel reads skip[s, hv] for every summary row s: without a gate mask the launcher
+    must hand it one zero flag per (row, v-head), not a single row (read out of bounds, it could skip
+    summaries at random). Checked on the arguments the kernel receives (a recorder stands in for it)."""
+    got = {}
+
+    def factory(*args, **kwargs):
+        def kern(*tensors):
+            got["skip"] = tensors[7]
+        return kern
+
+    monkeypatch.setattr(hchunk, "forward_rs_kernel", factory)
+    Tt, H, HV, K, V, NS = 200, 2, 4, 128, 128, 3
+    q = k = torch.zeros(Tt, H, K, dtype=torch.bfloat16)
+    v = torch.zeros(Tt, HV, V, dtype=torch.bfloat16)
+    segs = torch.zeros(NS, 5, dtype=torch.int32)
+    hchunk.forward_rs(q, k, v, None, None, None, segs, n_final=NS, summary=summary, warm=warm)
+    if summary:
+        assert tuple(got["skip"].shape) == (NS, HV) and not got["skip"].any()
+        with pytest.raises(ValueError, match="skip must be"):
+            hchunk.forward_rs(q, k, v, None, None, None, segs, n_final=NS, summary=True,
+                              skip=torch.zeros(1, HV, dtype=torch.int32))

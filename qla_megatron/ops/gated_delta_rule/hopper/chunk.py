@@ -265,8 +265,12 @@ def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, st
     dev = k.device
     kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
                              store_final=n_final > 0, save_states=states is not None, warm=warm, BV=bv_rs(V))
+    # The summary kernel reads one skip flag per (row of segs, v-head); the other passes read none.
     if skip is None:
-        skip = torch.zeros(1, HV, dtype=torch.int32, device=dev)
+        skip = torch.zeros(segs.shape[0], HV, dtype=torch.int32, device=dev) if summary else \
+            torch.empty(1, HV, dtype=torch.int32, device=dev)
+    elif summary and tuple(skip.shape) != (segs.shape[0], HV):
+        raise ValueError(f"skip must be [{segs.shape[0]}, {HV}] (summary rows, v-heads), got {tuple(skip.shape)}")
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not (summary or warm) else \
