@@ -33,6 +33,8 @@ are exactly 0 and they move nothing; their o rows are not written.
 import tilelang
 import tilelang.language as T
 
+from .prepare import inv_row_norms
+
 CHUNK = 64
 
 
@@ -147,14 +149,7 @@ def forward_kernel(
                     # Unit-norm q and k without rewriting them: k's 1 / ||k|| (Rk, from prepare)
                     # scales the columns of Wa and P and the rows of Vk; q's (rq) the rows of Qg, P.
                     if not summary:
-                        qf = T.alloc_fragment((C, K), acc)
-                        nq = T.alloc_fragment((C,), acc)
-                        T.copy(Q_s, qf)
-                        for i, d in T.Parallel(C, K):
-                            qf[i, d] = qf[i, d] * qf[i, d]
-                        T.reduce_sum(qf, nq, dim=1)
-                        for i in T.Parallel(C):
-                            rq_s[i] = T.rsqrt(nq[i] + 1e-6)
+                        inv_row_norms(Q_s, rq_s)
                     for i in T.Parallel(C):
                         eg_s[i] = T.exp2(G_s[i])
                         ee_s[i] = T.exp2(G_s[C - 1] - G_s[i]) * Rk_s[i]

@@ -28,6 +28,21 @@ CHUNK = 64
 LOG2E = 1.4426950408889634
 
 
+@T.macro
+def inv_row_norms(X_s, r_s):
+    """r_s[i] = 1 / sqrt(sum_d X_s[i, d]^2 + 1e-6) (eps as inputs.l2norm), summed in float32.
+    X_s [rows, cols] in shared memory, r_s [rows]. The l2norm of q and k rows, by prepare and forward."""
+    rows, cols = X_s.shape
+    xf = T.alloc_fragment((rows, cols), "float32")
+    nx = T.alloc_fragment((rows,), "float32")
+    T.copy(X_s, xf)
+    for i, d in T.Parallel(rows, cols):
+        xf[i, d] = xf[i, d] * xf[i, d]
+    T.reduce_sum(xf, nx, dim=1)
+    for i in T.Parallel(rows):
+        r_s[i] = T.rsqrt(nx[i] + 1e-6)
+
+
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
 def prepare_kernel(
     # task config
@@ -58,14 +73,7 @@ def prepare_kernel(
         for i, d in T.Parallel(C, K):
             Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
         if l2norm:
-            qf = T.alloc_fragment((C, K), acc)
-            nq = T.alloc_fragment((C,), acc)
-            T.copy(Q_s, qf)
-            for i, d in T.Parallel(C, K):
-                qf[i, d] = qf[i, d] * qf[i, d]
-            T.reduce_sum(qf, nq, dim=1)
-            for i in T.Parallel(C):
-                rq_s[i] = T.rsqrt(nq[i] + 1e-6)
+            inv_row_norms(Q_s, rq_s)
         else:
             for i in T.Parallel(C):
                 rq_s[i] = 1.0
@@ -99,15 +107,8 @@ def prepare_kernel(
                 g_s[i] = T.if_then_else(i < n, g[t0 + i, hv], 0.0)
                 b_s[i] = T.if_then_else(i < n, beta[t0 + i, hv], 0.0)
             if l2norm:
-                # 1 / ||k_i|| (eps 1e-6 as inputs.l2norm); K K^T of unit rows = diag(r) K K^T diag(r).
-                kf = T.alloc_fragment((C, K), acc)
-                nk = T.alloc_fragment((C,), acc)
-                T.copy(K_s, kf)
-                for i, d in T.Parallel(C, K):
-                    kf[i, d] = kf[i, d] * kf[i, d]
-                T.reduce_sum(kf, nk, dim=1)
-                for i in T.Parallel(C):
-                    r_s[i] = T.rsqrt(nk[i] + 1e-6)
+                # 1 / ||k_i||; K K^T of unit rows = diag(r) K K^T diag(r).
+                inv_row_norms(K_s, r_s)
             elif rs_factors:
                 for i in T.Parallel(C):
                     r_s[i] = 1.0
