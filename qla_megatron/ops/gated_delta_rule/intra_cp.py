@@ -52,7 +52,7 @@ class IntraCPConfig:
         seg = os.environ.get("QLA_MEGATRON_INTRA_CP_SEGMENT")
         warm = os.environ.get("QLA_MEGATRON_INTRA_CP_WARMUP")
         try:
-            warm = int(warm) if warm else 4
+            warm = int(warm) if warm else IntraCPConfig.warmup_chunks
         except ValueError:
             raise ValueError(f"QLA_MEGATRON_INTRA_CP_WARMUP must be a number of chunks, got {warm!r}") from None
         return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None,
