@@ -71,17 +71,16 @@ def floor_ms(tokens, H, HV, bw, rate):
 
 
 FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-# Our runners: forward variant -> runner name. "rs-prep2" / "rs-gate" / "rs-prep2-gate" are the rs kernel
-# with the opt-in QLA_MEGATRON_HOPPER_PREPARE=v2 and / or QLA_MEGATRON_INTRA_CP_MODE=gate.
-OURS = {v: f"ours-{v}" for v in ("fused", "rs", "rs-prep2", "rs-gate", "rs-prep2-gate")}
+# Our runners: forward variant -> runner name. "rs-exact" / "rs-gate" are the rs kernel with
+# QLA_MEGATRON_INTRA_CP_MODE=exact / gate; the others leave the mode at its default.
+OURS = {v: f"ours-{v}" for v in ("fused", "rs", "rs-exact", "rs-gate")}
 
 
 def set_variant_env(variant):
     """The environment the op reads on every call, for one of OURS."""
     base, *opts = variant.split("-")
     os.environ[FORWARD_ENV] = base
-    os.environ["QLA_MEGATRON_HOPPER_PREPARE"] = "v2" if "prep2" in opts else "v1"
-    os.environ["QLA_MEGATRON_INTRA_CP_MODE"] = "gate" if "gate" in opts else "exact"
+    os.environ["QLA_MEGATRON_INTRA_CP_MODE"] = opts[0] if opts else ""
 
 
 def runners(peers, variants=("fused",)):

@@ -8,7 +8,8 @@ from `nvcc -Xptxas -v` on the generated source:
     python benchmarks/hopper_compile_cpu.py                       # forward_rs, H/HV 2/8 and 16/32
     python benchmarks/hopper_compile_cpu.py --kernel forward --heads 2/8
     python benchmarks/hopper_compile_cpu.py --keep /tmp/rs        # also keep the .cu sources
-    python benchmarks/hopper_compile_cpu.py --kernel prepare      # prepare, with and without rs_factors
+    python benchmarks/hopper_compile_cpu.py --kernel prepare_rs   # the rs chunk factors, with and without l2norm
+    python benchmarks/hopper_compile_cpu.py --kernel prepare      # the fused forward's prepare
 
 Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
 
@@ -97,7 +98,7 @@ def dynamic_smem(host_src: str, threads: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare"])
+    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare_rs", "prepare"])
     ap.add_argument("--heads", default="2/8,16/32", help="H/HV pairs")
     ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
     ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
@@ -106,7 +107,7 @@ def main():
     import tilelang
     if not args.warm:
         tilelang.disable_cache()
-    from qla_megatron.ops.gated_delta_rule.hopper import chunk, forward, forward_rs, prepare
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk, forward, forward_rs, prepare, prepare_rs
     fast = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
     exact = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
     if args.keep:
@@ -115,8 +116,12 @@ def main():
     for hh in args.heads.split(","):
         H, HV = map(int, hh.split("/"))
         if args.kernel == "prepare":
-            variants = [(dict(l2norm=l2, rs_factors=rs), exact) for rs in (False, True) for l2 in (False, True)]
+            variants = [(dict(l2norm=l2), exact) for l2 in (False, True)]
             factory = prepare.prepare_kernel
+            pos = (H, HV, 128, "bfloat16")
+        elif args.kernel == "prepare_rs":
+            variants = [(dict(l2norm=l2, HP=chunk.heads_per_prepare(H, HV)), exact) for l2 in (False, True)]
+            factory = prepare_rs.prepare_rs_kernel
             pos = (H, HV, 128, "bfloat16")
         elif args.kernel == "forward_rs":
             factory = forward_rs.forward_rs_kernel
@@ -125,7 +130,7 @@ def main():
             variants = [(dict(has_initial=hi, store_final=sf, BV=bv), fast)
                         for hi, sf in ((False, True), (True, True), (True, False), (False, False))]
             variants += [(dict(summary=True, store_final=True, BV=bv), fast),
-                         (dict(warm=True, store_final=True, BV=bv), fast)]
+                         (dict(summary=True, store_final=True, BV=bv, gate_chunks=4), fast)]
         else:
             factory = forward.forward_kernel
             pos = (H, HV, 128, 128, "bfloat16")

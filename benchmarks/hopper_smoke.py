@@ -65,15 +65,8 @@ def precompile_tests(variants=("fused",)):
         todo += [it for i, it in enumerate(forward_set(2, 4, 128, 128, torch.float16, variant=v)) if i in (0, 2)]
         # test_variant_matches_recurrence_long without l2norm (both variants)
         todo += [it for i, it in enumerate(forward_set(2, 8, 128, 128, l2norm=False, variant=v)) if i in (0, 2, 5)]
-    if "rs" in variants:   # the gate-driven warm-up kernel: its GPU test (2/8), the breakdown and bench (16/32)
-        todo += [it for h, hv in ((2, 8), (16, 32)) for it in forward_set(h, hv, 128, 128, variant="rs", gate=True)[1:]
-                 if it[2].get("warm")]
-    if "rs" in variants:   # the rs-prep2 tests: prepare v2 for every head config they use
-        from qla_megatron.ops.gated_delta_rule.hopper.chunk import heads_per_prepare
-        todo += [("prepare_rs", (h, hv, 128, d), dict(l2norm=True, HP=heads_per_prepare(h, hv)))
-                 for h, hv in heads + [(2, 4)] for d in ("bfloat16",)]
-        todo += [("prepare_rs", (2, 4, 128, "float16"), dict(l2norm=True, HP=2)),
-                 ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=False, HP=2))]
+    if "rs" in variants:   # the exact summary kernel: the gate-driven test (2/8), the breakdown and bench (16/32)
+        todo += [forward_set(h, hv, 128, 128, variant="rs", gate_chunks=0)[5] for h, hv in ((2, 8), (16, 32))]
     todo = list({repr(it): it for it in todo}.values())
     print(f"parallel precompile of {len(todo)} kernels ({', '.join(variants)}): "
           f"{precompile(todo, workers=15):.1f} s", flush=True)
@@ -106,19 +99,17 @@ def breakdown(variants=("fused",)):
                 Gc, Bc, Rk, A = prep()
                 fw = lambda segs, **kw: hc.forward(q, k, v, Gc, Bc, Rk, A, segs, 0.1, l2norm=True, **kw)
             out = {"prepare": bench(prep), "forward, no intra-CP": bench(lambda: fw(whole.segs, n_final=1))}
-            if var == "rs":   # the other chunk-factor kernel, same inputs ($QLA_MEGATRON_HOPPER_PREPARE)
-                other = "v1" if hc.prepare_version() == "v2" else "v2"
-                saved = os.environ.get(hc.PREPARE_ENV)
-                os.environ[hc.PREPARE_ENV] = other
-                out[f"prepare {other}"] = bench(prep)
-                os.environ[hc.PREPARE_ENV] = saved or ""
             if seg:
                 p = hc._make_plan(bounds, seg, torch.device(dev))
                 out["summary"] = bench(lambda: fw(p.sum_segs, n_final=p.sum_segs.shape[0], summary=True))
+                if var == "rs":
+                    out["summary (gate-driven)"] = bench(lambda: fw(p.sum_segs, n_final=p.sum_segs.shape[0],
+                                                                    summary=True, gate_chunks=4))
                 h0 = torch.zeros(p.NS, HV, K, K, device=dev)
                 out[f"forward, {p.NS} segments"] = bench(lambda: fw(p.segs, h0=h0, n_final=1))
-                out["whole op (intra-CP)"] = bench(lambda: hc.chunk_gated_delta_rule_fwd(
-                    q[None], k[None], v[None], g[None], b[None], None, None, True, None, True, variant=var))
+                out["whole op (intra-CP, exact)"] = bench(lambda: hc.chunk_gated_delta_rule_fwd(
+                    q[None], k[None], v[None], g[None], b[None], None, None, True, None, True,
+                    intra_cp=IntraCPConfig(mode="exact"), variant=var))
             if var == "rs":
                 out["whole op (intra-CP, gate-driven)"] = bench(lambda: hc.chunk_gated_delta_rule_fwd(
                     q[None], k[None], v[None], g[None], b[None], None, None, True, None, True,

@@ -10,7 +10,7 @@
 # 3. every GPU test of the variant (-k VARIANT: o and final state vs the float64 recurrence, 1000
 #    bit-identical reruns, the variant vs fused on 37 chunks);
 # 4. per-stage times of both variants at 1 x 32768 (8/2 and 32/16 heads), same run;
-# 5. bench_ops.py: both variants (or $BENCH_VARIANTS, e.g. rs,rs-prep2,rs-gate,rs-prep2-gate) and the
+# 5. bench_ops.py: both variants (or $BENCH_VARIANTS, e.g. rs-exact,rs-gate) and the
 #    peers (default fla), 8/2 and 32/16 at 1x32768 and 4x8192, table written to
 #    benchmarks/results/ops_forward_h100_VARIANT.md.
 # The timeouts add up to 580 s, under the 600 s a device command may run. Exit status: that of the

@@ -2,7 +2,7 @@
 <= 5e-3 relative L2 for bf16). Every output is poisoned with NaN before the kernels run. GPU only.
 
 The correctness tests run once per forward kernel variant (ids "rs": forward_rs.py, the state in
-registers, the default; "fused": forward.py; "rs-prep2": rs with the chunk factors from prepare_rs.py),
+registers, with the chunk factors of prepare_rs.py: the default; "fused": forward.py),
 chosen through $QLA_MEGATRON_HOPPER_FORWARD exactly as a user would; `-k rs` runs only that one."""
 
 import pytest
@@ -17,7 +17,7 @@ from .gdr_inputs import make_inputs, rel
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
 HEADS = [(2, 8), (4, 16), (8, 32), (16, 32), (16, 48), (16, 64), (32, 32)]   # (H, HV)
-VARIANTS = ["fused", "rs", "rs-prep2"]   # rs-prep2: rs with QLA_MEGATRON_HOPPER_PREPARE=v2
+VARIANTS = ["fused", "rs"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +32,7 @@ def poison():
 def variant(request, monkeypatch):
     """Selects the forward kernel through the environment variable the op reads on every call."""
     from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk
-    forward, _, prep = request.param.partition("-prep")
-    monkeypatch.setenv(hchunk.FORWARD_ENV, forward)
-    monkeypatch.setenv(hchunk.PREPARE_ENV, f"v{prep}" if prep else "v1")
+    monkeypatch.setenv(hchunk.FORWARD_ENV, request.param)
     return request.param
 
 
@@ -167,28 +165,52 @@ def test_variant_matches_recurrence_long(other, l2norm):
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
 def test_rs_gate_driven_intra_cp(varlen):
-    """Gate-driven intra-CP (rs forward): strong-decay heads start their segments from 4-chunk warm-ups,
-    the others compose exactly. o and the final state stay within tolerance of the float64 recurrence,
-    some (segment, head) really was gated, and its o differs from exact mode's by less than the
-    tolerance."""
+    """Gate-driven intra-CP (rs forward, the default): a (segment, head) whose last 4 chunks decay below
+    e^-10 reports M = 0 and, as S_ext, the state of those 4 chunks from zero; the others report the
+    exact (M, S_ext). Checked on the summary kernel itself against the float64 recurrence, pair by
+    pair, with gated and ungated pairs both present; then o and the final state of the whole op in
+    gate and exact mode against the recurrence."""
     from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import chunk_gated_delta_rule_fwd
+    H, HV, K, n = 2, 8, 128, 4
     if varlen:
         lens = [2000, 37, 1500, 700]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda")
-        low, h0 = _inputs(1, sum(lens), 2, 8, N=len(lens))
+        low, h0 = _inputs(1, sum(lens), H, HV, N=len(lens))
     else:
         cu = None
-        low, h0 = _inputs(1, 64 * 40 + 7, 2, 8)
+        low, h0 = _inputs(1, 64 * 40 + 7, H, HV)
+    q, k, v, g, beta = low
+    Tt = q.shape[0] * q.shape[1]
+    plan = hc._make_plan(tuple(hc.sequence_bounds(*q.shape[:2], cu)), 512, torch.device("cuda"))
+    qf, kf, vf = q.reshape(Tt, H, K), k.reshape(Tt, H, K), v.reshape(Tt, HV, K)
+    gf, bf = g.reshape(Tt, HV).float(), beta.reshape(Tt, HV).float()
+    factors = hc.prepare_rs(qf, kf, gf, bf, plan.chunks, HV, K ** -0.5, True)
+    NSS = plan.sum_segs.shape[0]
+    _, summ = hc.forward_rs(qf, kf, vf, *factors, plan.sum_segs, n_final=NSS, summary=True, gate_chunks=n)
+    _, exact = hc.forward_rs(qf, kf, vf, *factors, plan.sum_segs, n_final=NSS, summary=True)
+    flat = [t.reshape(1, Tt, *t.shape[2:]) for t in low]
+    n_gated = 0
+    for r, (t_beg, t_end, *_) in enumerate(plan.sum_segs.tolist()):
+        w = t_end - n * 64                       # summary segments are whole chunks (they have a successor)
+        decay = g.reshape(Tt, HV)[w:t_end].double().sum(0)
+        _, ws = recurrent_gated_delta_rule(*(t[:, w:t_end].double() for t in flat), output_final_state=True,
+                                           use_qk_l2norm_in_kernel=True)       # the window from zero
+        for hv in range(HV):
+            if abs(float(decay[hv]) + 10) < 1e-3:
+                continue                         # too close to the threshold to call
+            if float(decay[hv]) < -10 and t_end - t_beg > n * 64:
+                n_gated += 1
+                assert not summ[r, hv, :, :K].any(), (r, hv, "gated: M must be 0")
+                assert rel(summ[r, hv, :, K:], ws[0, hv]) <= TOL, (r, hv)
+            else:
+                assert rel(summ[r, hv], exact[r, hv]) <= 1e-5, (r, hv, "ungated: the exact summary")
+    assert 0 < n_gated < NSS * HV, f"{n_gated} of {NSS * HV} pairs gated: the inputs should gate some, not all"
     ro, rs = _reference(low, h0, cu)
-    exact_cfg = IntraCPConfig(segment_len=512)
-    gate_cfg = IntraCPConfig(segment_len=512, mode="gate", warmup_chunks=4)
     args = (*low, None, h0, True, cu, True)
-    oe, se = chunk_gated_delta_rule_fwd(*args, intra_cp=exact_cfg, variant="rs")
-    og, sg = chunk_gated_delta_rule_fwd(*args, intra_cp=gate_cfg, variant="rs")
+    oe, se = chunk_gated_delta_rule_fwd(*args, intra_cp=IntraCPConfig(segment_len=512, mode="exact"), variant="rs")
+    og, sg = chunk_gated_delta_rule_fwd(*args, intra_cp=IntraCPConfig(segment_len=512, mode="gate",
+                                                                      warmup_chunks=n), variant="rs")
     _check(oe, se, ro, rs)
     _check(og, sg, ro, rs)
-    plan = hc._make_plan(tuple(hc.sequence_bounds(*low[1].shape[:2], cu)), 512, torch.device("cuda"), 4)
-    gated = hc.gate_mask(plan, low[3].reshape(-1, 8).float())
-    assert bool(gated.any()) and not bool(gated.all()), "the inputs should gate some (segment, head) pairs"
     assert rel(og, oe) <= TOL

@@ -50,19 +50,22 @@ def test_op_reads_the_switch_before_any_gpu_work(monkeypatch):
 
 def test_rs_forward_set_and_ir():
     rs = hchunk.forward_set(2, 8, 128, 128, variant="rs")
-    assert rs[0] == ("prepare", (2, 8, 128, "bfloat16"), dict(l2norm=True, rs_factors=True))
+    assert rs[0] == ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=True, HP=2))
+    assert hchunk.forward_set(32, 32, 128, 128)[0][2]["HP"] == 1      # HV / H = 1: one v-head a program
     assert {n for n, _, _ in rs[1:]} == {"forward_rs"} and len(rs) == 6
     for l2norm in (True, False):      # rs is the default
         assert hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm) == \
             hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="rs")
     from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
-    from qla_megatron.ops.gated_delta_rule.hopper.prepare import prepare_kernel
+    from qla_megatron.ops.gated_delta_rule.hopper.prepare_rs import prepare_rs_kernel
     f = forward_rs_kernel.get_tir(2, 8, 128, 128, "bfloat16", has_initial=True)
     assert [p.name.removesuffix("_handle") for p in f.params] == \
-        ["q", "k", "v", "Ag", "P", "F", "segs", "skip", "h0", "o", "ht", "states"]
-    f = prepare_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, rs_factors=True)
+        ["q", "k", "v", "Ag", "P", "F", "segs", "h0", "o", "ht", "states"]
+    f = prepare_rs_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, HP=2)
     assert [p.name.removesuffix("_handle") for p in f.params] == \
         ["q", "k", "g", "beta", "chunks", "sc", "Ag", "P", "F"]
+    with pytest.raises(AssertionError):
+        prepare_rs_kernel.get_tir(3, 9, 128, "bfloat16", HP=2)      # HV / H = 3 is odd
 
 
 def _rs_emulated(q, k, v, g, beta, h0, scale, l2norm):
@@ -144,89 +147,27 @@ def test_compose_starts_matches_a_plain_walk(bounds, seg_len, with_h0):
         assert torch.allclose(got[row].double(), z, atol=1e-4, rtol=1e-4), (row, seg)
 
 
-def test_prepare_v2_switch(monkeypatch):
-    """QLA_MEGATRON_HOPPER_PREPARE picks the rs chunk-factor kernel: v1 (prepare.py, the default) or
-    v2 (prepare_rs.py, two v-heads a program where HV / H is even); anything else is an error."""
-    from qla_megatron.ops.gated_delta_rule.hopper.prepare_rs import prepare_rs_kernel
-    monkeypatch.delenv(hchunk.PREPARE_ENV, raising=False)
-    assert hchunk.prepare_version() == "v1"
-    assert hchunk.forward_set(2, 8, 128, 128)[0][0] == "prepare"
-    monkeypatch.setenv(hchunk.PREPARE_ENV, "v2")
-    assert hchunk.forward_set(2, 8, 128, 128)[0] == ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=True, HP=2))
-    assert hchunk.forward_set(32, 32, 128, 128)[0][2]["HP"] == 1
-    monkeypatch.setenv(hchunk.PREPARE_ENV, "v3")
-    with pytest.raises(ValueError, match="QLA_MEGATRON_HOPPER_PREPARE='v3'"):
-        hchunk.prepare_version()
-    f = prepare_rs_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, HP=2)
-    assert [p.name.removesuffix("_handle") for p in f.params] == \
-        ["q", "k", "g", "beta", "chunks", "sc", "Ag", "P", "F"]
-    with pytest.raises(AssertionError):
-        prepare_rs_kernel.get_tir(3, 9, 128, "bfloat16", HP=2)      # HV / H = 3 is odd
-
-
-def test_gate_plan_windows_and_mask():
-    """Gate-driven intra-CP plan: one warm-up window per summary row, the warmup_chunks * 64 tokens
-    before the row's successor segment, zero-length (and never gated) where it would reach back to
-    the sequence start; gate_mask gates exactly the (window, v-head) pairs whose decay is < e^-10."""
-    bounds, seg = (0, 1000, 1200, 2000), 256
-    plan = hchunk._make_plan(bounds, seg, torch.device("cpu"), 4)     # windows of 256 tokens
-    assert plan.warm_segs.shape[0] == plan.sum_segs.shape[0]
-    seq_of = lambda t: max(n for n in range(3) if bounds[n] <= t)     # noqa: E731
-    for (s, e, c0, _, r), (ws, we, wc0, _, wr), ok in zip(plan.sum_segs.tolist(), plan.warm_segs.tolist(),
-                                                           plan.warm_static.tolist()):
-        n = seq_of(s)
-        assert wr == r and we == min(s + seg, bounds[n + 1])           # the successor's start
-        assert ok == (we - 256 > bounds[n]) and (ws == we - 256 if ok else ws == we)
-        assert wc0 == plan.chunks[:, 0].tolist().index(ws) if ws < we else True
-    g = torch.zeros(2000, 2)
-    g[:, 0] = -0.1                     # head 0: 256 tokens decay by e^-25.6; head 1: no decay
-    gated = hchunk.gate_mask(plan, g)
-    assert gated[:, 1].sum() == 0 and torch.equal(gated[:, 0], plan.warm_static)
-    assert bool(plan.warm_static.any()) and not bool(plan.warm_static.all())
-
-
-@pytest.mark.parametrize("bounds,seg_len", [((0, 1000), 128), ((0, 300, 310, 1000, 1100, 1164), 128)])
-def test_compose_starts_takes_warm_states_where_gated(bounds, seg_len):
-    """compose_starts in gate mode: a gated (successor, v-head) starts from its warm-up state, and the
-    later segments of its sequence compose from there."""
-    plan = hchunk._make_plan(bounds, seg_len, torch.device("cpu"), 1)
-    N, HV, K, V = len(bounds) - 1, 3, 8, 4
-    NSS = plan.sum_segs.shape[0]
-    summ = torch.randn(NSS, HV, K, K + V, dtype=torch.float64) * 0.3
-    warm = torch.randn(NSS, HV, K, V, dtype=torch.float64)
-    gated = torch.rand(NSS, HV) < 0.5
-    got = hchunk.compose_starts(plan, summ.float(), None, K, warm=warm.float(), gated=gated)
-    seq_of = lambda t: max(n for n in range(N) if bounds[n] <= t)      # noqa: E731
-    summary_at = {int(r[0]): int(r[4]) for r in plan.sum_segs}
-    for row, seg in enumerate(plan.segs.tolist()):
-        n = seq_of(seg[0])
-        z = torch.zeros(HV, K, V, dtype=torch.float64)
-        for start in range(bounds[n], seg[0], seg_len):
-            r = summary_at[start]
-            z = summ[r][..., :K] @ z + summ[r][..., K:]
-            z = torch.where(gated[r][:, None, None], warm[r], z)
-        assert torch.allclose(got[row].double(), z, atol=1e-4, rtol=1e-4), (row, seg)
-
-
 def test_intra_cp_config_mode():
     from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
-    assert IntraCPConfig().mode == "exact"
+    assert IntraCPConfig().mode == "gate"
     with pytest.raises(ValueError, match="mode must be 'exact' or 'gate'"):
         IntraCPConfig(mode="fast")
     with pytest.raises(ValueError, match="warmup_chunks"):
         IntraCPConfig(mode="gate", warmup_chunks=0)
 
 
-@pytest.mark.parametrize("summary,warm", [(True, False), (False, False), (False, True)])
-def test_forward_rs_launcher_skip_flags(monkeypatch, summary, warm):
-    """The summary kernel reads skip[s, hv] for every summary row s: without a gate mask the launcher
-    must hand it one zero flag per (row, v-head), not a single row (read out of bounds, it could skip
-    summaries at random). Checked on the arguments the kernel receives (a recorder stands in for it)."""
+@pytest.mark.parametrize("summary,gate_chunks", [(True, 0), (True, 4), (False, 0)])
+def test_forward_rs_launcher(monkeypatch, summary, gate_chunks):
+    """The launcher builds the kernel for the pass it runs (gate_chunks reaches the summary kernel only)
+    and hands the summary pass a one-row o (it writes none) but the main pass a full one. Checked on
+    what the factory and the kernel receive (a recorder stands in for them)."""
     got = {}
 
     def factory(*args, **kwargs):
+        got["kwargs"] = kwargs
+
         def kern(*tensors):
-            got["skip"] = tensors[7]
+            got["o"] = tensors[8]
         return kern
 
     monkeypatch.setattr(hchunk, "forward_rs_kernel", factory)
@@ -234,9 +175,17 @@ def test_forward_rs_launcher_skip_flags(monkeypatch, summary, warm):
     q = k = torch.zeros(Tt, H, K, dtype=torch.bfloat16)
     v = torch.zeros(Tt, HV, V, dtype=torch.bfloat16)
     segs = torch.zeros(NS, 5, dtype=torch.int32)
-    hchunk.forward_rs(q, k, v, None, None, None, segs, n_final=NS, summary=summary, warm=warm)
-    if summary:
-        assert tuple(got["skip"].shape) == (NS, HV) and not got["skip"].any()
-        with pytest.raises(ValueError, match="skip must be"):
-            hchunk.forward_rs(q, k, v, None, None, None, segs, n_final=NS, summary=True,
-                              skip=torch.zeros(1, HV, dtype=torch.int32))
+    hchunk.forward_rs(q, k, v, None, None, None, segs, n_final=NS, summary=summary, gate_chunks=gate_chunks)
+    assert got["kwargs"]["summary"] == summary and got["kwargs"]["gate_chunks"] == gate_chunks
+    assert tuple(got["o"].shape) == ((1, HV, V) if summary else (Tt, HV, V))
+
+
+def test_summary_gate_in_forward_set():
+    """The rs forward set's summary kernel is gate-driven with the default config's warm-up length;
+    gate_chunks=0 asks for the exact one; the kernel refuses gate_chunks outside summary mode."""
+    from qla_megatron.ops.gated_delta_rule.hopper.forward_rs import forward_rs_kernel
+    from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
+    assert hchunk.forward_set(2, 8, 128, 128)[5][2]["gate_chunks"] == IntraCPConfig().warmup_chunks == 4
+    assert hchunk.forward_set(2, 8, 128, 128, gate_chunks=0)[5][2]["gate_chunks"] == 0
+    with pytest.raises(AssertionError, match="summary pass only"):
+        forward_rs_kernel.get_tir(2, 8, 128, 128, "bfloat16", gate_chunks=4)

@@ -12,15 +12,17 @@ planner compares the estimated time of every candidate segment length (whole seq
 down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
 
 Switch: QLA_MEGATRON_INTRA_CP=0 turns it off; QLA_MEGATRON_INTRA_CP_SEGMENT=<tokens> forces a segment
-length (a multiple of 64). QLA_MEGATRON_INTRA_CP_MODE=gate (Hopper "rs" forward only) starts a
-(segment, v-head) from a warm-up over the QLA_MEGATRON_INTRA_CP_WARMUP chunks before it (default 4)
-instead of the exact composition where the decay over that window is below e^-10 (DESIGN §2,
-"gate-driven"; the bound is in segments.segmented_chunk_gated_delta_rule); "exact" (the default)
-always composes. All can also be passed per call through `IntraCPConfig`.
+length (a multiple of 64). QLA_MEGATRON_INTRA_CP_MODE=gate (the default; Hopper "rs" forward only)
+starts a (segment, v-head) from a warm-up over the QLA_MEGATRON_INTRA_CP_WARMUP chunks before it
+(default 4) instead of the exact composition where the decay over that window is below e^-10, and
+skips that pair's summary (DESIGN §2, "gate-driven"; the bound is in
+segments.segmented_chunk_gated_delta_rule); heads without such decay compose exactly. "exact" always
+composes. All can also be passed per call through `IntraCPConfig`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -37,7 +39,7 @@ class IntraCPConfig:
     summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
     compose_cost: float = 2.5                # one sequential composition step (a batched fp32 product
                                              # and its launch), in chunk-steps
-    mode: str = "exact"                      # "exact" or "gate" (see the module docstring)
+    mode: str = "gate"                       # "gate" or "exact" (see the module docstring)
     warmup_chunks: int = 4                   # gate mode: chunks of warm-up before a segment
 
     def __post_init__(self):
@@ -56,7 +58,7 @@ class IntraCPConfig:
         except ValueError:
             raise ValueError(f"QLA_MEGATRON_INTRA_CP_WARMUP must be a number of chunks, got {warm!r}") from None
         return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None,
-                             mode=os.environ.get("QLA_MEGATRON_INTRA_CP_MODE", "") or "exact", warmup_chunks=warm)
+                             mode=os.environ.get("QLA_MEGATRON_INTRA_CP_MODE", "") or "gate", warmup_chunks=warm)
 
 
 def _pass_time(chunks_per_seq: Sequence[int], seg_chunks: int, programs_per_segment: int,
@@ -81,6 +83,13 @@ def plan_segment_len(seq_lens: Sequence[int], HV: int, K: int, V: int, num_sms: 
     cfg = config if config is not None else IntraCPConfig.from_env()
     if not cfg.enabled:
         return None
+    return _plan_segment_len(tuple(seq_lens), HV, K, V, num_sms, BV, cfg)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_segment_len(seq_lens: tuple, HV: int, K: int, V: int, num_sms: int, BV: int,
+                      cfg: IntraCPConfig) -> Optional[int]:
+    """plan_segment_len's search, cached: it runs on every call of the op, in Python."""
     if cfg.segment_len is not None:
         if cfg.segment_len <= 0 or cfg.segment_len % CHUNK:
             raise ValueError(f"intra-CP segment_len must be a positive multiple of {CHUNK}, "

@@ -1,10 +1,10 @@
 """Forward plan of the Hopper path: prepare -> (summary -> compose ->) forward.
 
     prepare   per (chunk, v-head): the cumulative gate, A = (I + StrictLower(diag(beta) K K^T))^-1 and,
-              for the rs kernel, the chunk factors Ag, P, F it reads (prepare.py or prepare_rs.py)
-    summary   per (column block of [M | S_ext], v-head, segment with a successor): the segment's (S_ext, M)
-    warm-up   gate-driven intra-CP only: per (segment with a successor, v-head), the end state of the
-              warmup_chunks before the next segment, from zero (replaces the skipped summaries)
+              for the rs kernel, the chunk factors Ag, P, F it reads (prepare_rs.py)
+    summary   per (column block of [M | S_ext], v-head, segment with a successor): the segment's (S_ext, M);
+              gate-driven (rs, the default) where the decay over its last warmup_chunks chunks allows:
+              (0, the end state of those chunks from zero) instead (forward_rs.py's docstring)
     compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence (torch, fp32)
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
@@ -92,14 +92,10 @@ class _Plan:
     NZ: int
     NC: int
     NS: int
-    # Gate-driven warm-ups, one per summary row (the window before that row's successor segment):
-    warm_segs: Optional[torch.Tensor] = None    # [NSS, 5]; zero-length where the window would reach
-    warm_static: Optional[torch.Tensor] = None  # [NSS] bool: the window lies inside its sequence
-    warm_bounds: Optional[torch.Tensor] = None  # [NSS, 2] long: window (start, end) tokens
 
 
 @functools.lru_cache(maxsize=64)
-def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device, warmup_chunks: int = 0) -> _Plan:
+def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _Plan:
     C = CHUNK
     N = len(bounds) - 1
     chunks, seq_first_chunk = [], []
@@ -126,7 +122,7 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device, warm
         init_row = seg_row[(n, j)] if seg_len else n
         out_row = n if j == last_j[n] else -1
         segs.append((s, e, c0, init_row, out_row))
-    sum_segs, steps, first_z, z_of_seg, NZ, warm = None, (), None, None, 0, {}
+    sum_segs, steps, first_z, z_of_seg, NZ = None, (), None, None, 0
     if seg_len and any(v > 0 for v in last_j.values()):
         # Sequences with the most segments first: then, for every j, the sequences that have a
         # segment j + 1 are a prefix of those that have a segment j, and each composition step is
@@ -154,41 +150,18 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device, warm
         first_z = torch.tensor(by_len, dtype=torch.long).to(device)
         z_of_seg = torch.tensor([z_row[(pieces[i][3], pieces[i][4])] for i in order], dtype=torch.long).to(device)
         NZ = len(z_row)
-        if warmup_chunks:
-            rows, static, wb = [], [], []
-            for (n, j), r in sum_row.items():
-                s1 = pos[(n, j + 1)][0]
-                w = s1 - warmup_chunks * C
-                inside = w > bounds[n]       # a window reaching the sequence start is not taken
-                w = w if inside else s1
-                rows.append((w, s1, seq_first_chunk[n] + (w - bounds[n]) // C, 0, r))
-                static.append(inside)
-                wb.append((w, s1))
-            warm = dict(warm_segs=torch.tensor(rows, dtype=torch.int32).to(device),
-                        warm_static=torch.tensor(static).to(device), warm_bounds=torch.tensor(wb).to(device))
     return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
                  segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs),
-                 **warm)
-
-
-def gate_mask(plan: _Plan, g: torch.Tensor, log_threshold: float = -10.0) -> torch.Tensor:
-    """[NSS, HV] bool: which successor segments start from their warm-up (gate-driven intra-CP):
-    the decay over the window, exp(sum g), is below exp(log_threshold) and the window lies inside its
-    sequence. g [Tt, HV] fp32, the packed stream's log decays. On the device, no host sync."""
-    csum = torch.cat([g.new_zeros(1, g.shape[1], dtype=torch.float64), g.to(torch.float64).cumsum(0)])
-    decay = csum[plan.warm_bounds[:, 1]] - csum[plan.warm_bounds[:, 0]]
-    return (decay < log_threshold) & plan.warm_static[:, None]
+                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs))
 
 
 def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int,
-                   warm: Optional[torch.Tensor] = None, gated: Optional[torch.Tensor] = None) -> torch.Tensor:
+) -> torch.Tensor:
     """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32:
     Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0). summ [NSS, HV, K, K + V] from
     the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V] in the main pass's row order.
     One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential.
-    Gate mode: warm [NSS, HV, K, V] (warm-up states, summary-row order) replaces Z[n, j + 1] for the
-    (row, v-head) pairs where gated [NSS, HV] is set (their summaries were skipped)."""
+    Gate-driven summaries need nothing here: theirs are (M = 0, S_ext = warm-up state)."""
     NSS, HV, _, W = summ.shape
     V = W - K
     # (row, v-head) flattened into one batch dimension, so that every step is slices + one product.
@@ -197,14 +170,9 @@ def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], 
     Z = torch.zeros(plan.NZ * HV, K, V, dtype=torch.float32, device=summ.device)
     if h0 is not None:
         Z[:len(plan.first_z) * HV] = h0[plan.first_z].reshape(-1, K, V)
-    if gated is not None:
-        warm, gated = warm.reshape(NSS * HV, K, V), gated.reshape(NSS * HV, 1, 1)
     for sl, cur, nxt in plan.compose_steps:
         a, b = sl.start * HV, sl.stop * HV
-        out = Z[nxt.start * HV:nxt.stop * HV]
-        torch.baddbmm(ext[a:b], M[a:b], Z[cur.start * HV:cur.stop * HV], out=out)
-        if gated is not None:
-            torch.where(gated[a:b], warm[a:b], out, out=out)
+        torch.baddbmm(ext[a:b], M[a:b], Z[cur.start * HV:cur.stop * HV], out=Z[nxt.start * HV:nxt.stop * HV])
     Z = Z.view(plan.NZ, HV, K, V)
     return Z[plan.z_of_seg]
 
@@ -229,31 +197,17 @@ def prepare(k, g, beta, chunks, HV, l2norm=False):
     return Gc, Bc, Rk, A
 
 
-# Which kernel makes the rs chunk factors: "v1" prepare.py (rs_factors=True; verified on an H100),
-# "v2" prepare_rs.py (two v-heads a program, four programs an SM; not yet run on a GPU).
-PREPARE_ENV = "QLA_MEGATRON_HOPPER_PREPARE"
-
-
-def prepare_version() -> str:
-    name = os.environ.get(PREPARE_ENV, "") or "v1"
-    if name not in ("v1", "v2"):
-        raise ValueError(f"{PREPARE_ENV}={name!r}: choose 'v1' or 'v2'")
-    return name
-
-
 def heads_per_prepare(H: int, HV: int) -> int:
+    """v-heads per prepare_rs program: two where the qk-head's group of v-heads splits in pairs."""
     return 2 if (HV // H) % 2 == 0 else 1
 
 
 def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
-    """Launch the rs chunk-factor kernel ($QLA_MEGATRON_HOPPER_PREPARE). q, k [Tt, H, K] dtype,
-    g, beta [Tt, HV] fp32. Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
+    """Launch prepare_rs_kernel. q, k [Tt, H, K] dtype, g, beta [Tt, HV] fp32.
+    Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    if prepare_version() == "v2":
-        kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, HP=heads_per_prepare(H, HV))
-    else:
-        kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, rs_factors=True)
+    kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, HP=heads_per_prepare(H, HV))
     Ag = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     P = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     F = _empty(NC, HV, 4, CHUNK, dtype=torch.float32, device=k.device)
@@ -261,29 +215,23 @@ def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
     return Ag, P, F
 
 
-def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, skip=None,
-               warm=False):
+def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, gate_chunks=0):
     """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None).
-    summary: the [M | S_ext] pass, skip [NSS, HV] int32 (or None) its skipped programs; warm: the
-    gate-driven warm-up pass (end states from zero, no o)."""
+    summary: the [M | S_ext] pass; gate_chunks > 0 (summary only): gate-driven, with warm-ups of that
+    many chunks (forward_rs.py)."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     Wd = K + V if summary else V
     dev = k.device
     kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                             store_final=n_final > 0, save_states=states is not None, warm=warm, BV=bv_rs(V))
-    # The summary kernel reads one skip flag per (row of segs, v-head); the other passes read none.
-    if skip is None:
-        skip = torch.zeros(segs.shape[0], HV, dtype=torch.int32, device=dev) if summary else \
-            torch.empty(1, HV, dtype=torch.int32, device=dev)
-    elif summary and tuple(skip.shape) != (segs.shape[0], HV):
-        raise ValueError(f"skip must be [{segs.shape[0]}, {HV}] (summary rows, v-heads), got {tuple(skip.shape)}")
+                             store_final=n_final > 0, save_states=states is not None, gate_chunks=gate_chunks,
+                             BV=bv_rs(V))
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
-    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not (summary or warm) else \
-        torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
+    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
+        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    kern(q, k, v, Ag, P, F, segs, skip, h0 if h0 is not None else dummy, o, ht, st)
+    kern(q, k, v, Ag, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
     return o, (ht if n_final else None)
 
 
@@ -300,9 +248,8 @@ def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=
                           BV=BV, async_mma=ASYNC_MMA)
     dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
     ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
-    # Summary mode writes no o, but the kernel's o shares the symbolic token count with q.
     o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
-        torch.empty(Tt, HV, V, dtype=q.dtype, device=dev)
+        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
     st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
     kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
@@ -325,8 +272,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
                                config=cfg)
     if seg_len is not None and seg_len >= max(lens):
         seg_len = None
-    gate = cfg.mode == "gate" and variant == "rs"     # the other kernels have no warm-up pass
-    plan = _make_plan(bounds, seg_len, dev, cfg.warmup_chunks if gate else 0)
+    plan = _make_plan(bounds, seg_len, dev)
 
     qf, kf = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
     l2 = bool(use_qk_l2norm_in_kernel)   # fused: the kernels scale by 1 / ||q||, 1 / ||k||
@@ -343,14 +289,10 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2)
     if plan.sum_segs is not None:
         NSS = plan.sum_segs.shape[0]
-        if plan.warm_segs is not None:       # gate-driven: skip the summaries the warm-ups replace
-            gated = gate_mask(plan, gf)
-            _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True, skip=gated.to(torch.int32))
-            _, warm = run_pass(plan.warm_segs, n_final=NSS, warm=True)
-            h0 = compose_starts(plan, summ, h0, K, warm=warm, gated=gated)
-        else:
-            _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True)
-            h0 = compose_starts(plan, summ, h0, K)
+        # Gate-driven summaries: the rs kernel only (the fused one composes exactly).
+        gate = dict(gate_chunks=cfg.warmup_chunks) if cfg.mode == "gate" and variant == "rs" else {}
+        _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True, **gate)
+        h0 = compose_starts(plan, summ, h0, K)
     o, ht = run_pass(plan.segs, h0=h0, n_final=N if output_final_state else 0)
     return o.view(B, T, HV, V), ht
 
@@ -361,22 +303,29 @@ def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2):
     return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2)
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD, gate=False):
+def _summary_gate_chunks(gate_chunks: Optional[int]) -> int:
+    if gate_chunks is not None:
+        return gate_chunks
+    cfg = IntraCPConfig()
+    return cfg.warmup_chunks if cfg.mode == "gate" else 0
+
+
+def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD,
+                gate_chunks: Optional[int] = None):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
-    length and batch are symbolic, so this set serves every length. Same order for every variant;
-    gate=True (rs only) appends the warm-up kernel of gate-driven intra-CP."""
+    length and batch are symbolic, so this set serves every length. Same order for every variant:
+    prepare, four main-pass kernels, the summary kernel. rs: the summary is gate-driven with
+    warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0: the exact summary)."""
     d = _DTYPES[dtype]
     if variant == "rs":
         main = dict(summary=False, BV=bv_rs(V))
-        prep = (("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, HP=heads_per_prepare(H, HV))) if prepare_version() == "v2"
-                else ("prepare", (H, HV, K, d), dict(l2norm=l2norm, rs_factors=True)))
-        return [prep,
+        return [("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, HP=heads_per_prepare(H, HV))),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V)))] + \
-            ([("forward_rs", (H, HV, K, V, d), dict(warm=True, store_final=True, BV=bv_rs(V)))] if gate else [])
+                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V),
+                                                      gate_chunks=_summary_gate_chunks(gate_chunks)))]
     main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
     return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),

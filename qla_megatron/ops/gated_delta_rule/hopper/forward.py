@@ -58,7 +58,7 @@ def forward_kernel(
     GQ = HV // H
     W = K + V if summary else V
     assert K % 16 == 0 and V % BV == 0 and W % BV == 0, (K, V, BV)
-    Tt, NC, NS, NI, NF, NH = T.dynamic("Tt, NC, NS, NI, NF, NH")
+    Tt, NC, NS, NI, NF, NH, To = T.dynamic("Tt, NC, NS, NI, NF, NH, To")
     acc = "float32"
 
     @T.prim_func
@@ -73,7 +73,7 @@ def forward_kernel(
         segs: T.Tensor((NS, 5), "int32"),
         h0: T.Tensor((NI, HV, K, W), acc),
         sc: T.float32,
-        o: T.Tensor((Tt, HV, V), dtype),
+        o: T.Tensor((To, HV, V), dtype),     # To = Tt; 1 in summary mode (no o)
         ht: T.Tensor((NF, HV, K, W), acc),
         states: T.Tensor((NH, HV, K, V), dtype),
     ):

@@ -14,7 +14,7 @@ and the output, off the chain but in the same registers,
 
     Ot  = S^T Q^T diag(qs) + Dt P^T   [BV, C]   = O^T;  qs = scale gamma Rq
 
-with the chunk factors from prepare_kernel(rs_factors=True):
+with the chunk factors from prepare_rs.py:
 
     Ag  = (Gamma . A) diag(beta)      [C, C]   lower; A = (I + StrictLower(diag(beta) Kn Kn^T))^-1
     P   = scale diag(Rq) (Gamma . Q K^T) diag(Rk)  [C, C]   lower
@@ -30,16 +30,32 @@ each owning 64 state columns (64 rows of S^T): their chains are independent and 
 q, k, Ag, P tiles in shared memory, loaded once by TileLang's TMA producer warpgroup.
 
 Summary mode (intra-card CP): state [M | S_ext] (K x (K + V)), started from [I | 0], no o; the
-programs whose columns are M use no v (V^T = 0). A (segment, v-head) whose successor starts from a
-gate-driven warm-up (skip[s, hv] != 0) walks no chunks: its M = I, S_ext = 0 are never used.
+programs whose columns are M use no v (V^T = 0).
 
-Warm mode (gate-driven intra-CP): the state of a short window before a segment, from zero, no o.
+Gate-driven summaries (gate_chunks = n > 0, DESIGN §2): where the decay over the segment's last n
+chunks, the product of their exp(G_C) (F's last row), is below e^-10, whatever came before them is
+below float32 resolution in the end state. Such a (segment, v-head) reports M = 0 and, as S_ext, the
+end state of those n chunks from zero (a warm-up): its M programs walk no chunks and its S_ext
+programs only the last n. The composition S_start[j + 1] = M_j S_start[j] + S_ext[j] then takes the
+warm-up state with no gate mask anywhere else. Segments of n chunks or fewer are never gated.
 """
 
 import tilelang
 import tilelang.language as T
 
 CHUNK = 64
+GATE_DECAY = 4.5399929762484854e-05    # e^-10: the decay below which a window hides what came before
+
+
+def _window_decay(F, c_beg, n_chunks, hv, n):
+    """Product of exp(G_C) over the last n chunks of a segment (F [NC, HV, 4, C], row 3 = exp(G_C));
+    chunk indices clamped into the segment, so a segment of n chunks or fewer reads only its own."""
+    first = c_beg + T.max(n_chunks - n, 0)
+    last = c_beg + n_chunks - 1
+    dec = F[T.min(first, last), hv, 3, 0]
+    for w in range(1, n):
+        dec = dec * F[T.min(first + w, last), hv, 3, 0]
+    return dec
 # Each warpgroup owns whole rows of S^T (its 64 state columns): no operand is shared across them.
 ROWS = T.GemmWarpPolicy.FullRow
 
@@ -49,27 +65,27 @@ def forward_rs_kernel(
     # task config
     H: int, HV: int, K: int, V: int, dtype: str,
     summary: bool = False, has_initial: bool = False, store_final: bool = True,
-    save_states: bool = False, warm: bool = False,
+    save_states: bool = False, gate_chunks: int = 0,
     # kernel config
     BV: int = 128, num_stages: int = 2,
 ):
     """Grid (W / BV, HV, NS), W = V (or K + V in summary mode); 2 * BV threads (+ TMA producer).
 
-    q, k [Tt, H, K], v [Tt, HV, V] dtype; Ag, P [NC, HV, C, C] dtype, F [NC, HV, 4, C] fp32 (prepare,
-    rs_factors=True); segs [NS, 5] int32 = (first token, end token, first chunk id, row of h0, row of
-    ht or -1); skip [NK, HV] int32 (read in summary mode only; NK = NS there); h0 [NI, HV, K, W] fp32;
-    o [Tt, HV, V] dtype; ht [NF, HV, K, W] fp32; states [NH, HV, K, V] dtype (start state of every
+    q, k [Tt, H, K], v [Tt, HV, V] dtype; Ag, P [NC, HV, C, C] dtype, F [NC, HV, 4, C] fp32 (prepare_rs.py);
+    segs [NS, 5] int32 = (first token, end token, first chunk id, row of h0, row of
+    ht or -1); h0 [NI, HV, K, W] fp32;
+    o [Tt, HV, V] dtype ([1, HV, V] in summary mode: not written); ht [NF, HV, K, W] fp32; states [NH, HV, K, V] dtype (start state of every
     chunk, for the backward).
     """
-    assert not (summary and warm), "summary and warm are two different passes"
+    assert summary or not gate_chunks, "gate_chunks applies to the summary pass only"
     C = CHUNK
     GQ = HV // H
     W = K + V if summary else V
     # A block of state columns is all M or all S_ext in summary mode (K % BV == 0).
     assert BV in (64, 128) and V % BV == 0 and K % 64 == 0 and (K % BV == 0 or not summary), (K, V, BV)
-    Tt, NC, NS, NI, NF, NH, NK = T.dynamic("Tt, NC, NS, NI, NF, NH, NK")
+    Tt, NC, NS, NI, NF, NH, To = T.dynamic("Tt, NC, NS, NI, NF, NH, To")
     acc = "float32"
-    out = not (summary or warm)
+    out = not summary
 
     @T.prim_func
     def kernel(
@@ -80,9 +96,8 @@ def forward_rs_kernel(
         P: T.Tensor((NC, HV, C, C), dtype),
         F: T.Tensor((NC, HV, 4, C), acc),
         segs: T.Tensor((NS, 5), "int32"),
-        skip: T.Tensor((NK, HV), "int32"),
         h0: T.Tensor((NI, HV, K, W), acc),
-        o: T.Tensor((Tt, HV, V), dtype),
+        o: T.Tensor((To, HV, V), dtype),     # To = Tt; 1 in summary mode (no o)
         ht: T.Tensor((NF, HV, K, W), acc),
         states: T.Tensor((NH, HV, K, V), dtype),
     ):
@@ -98,6 +113,18 @@ def forward_rs_kernel(
             # anyway (an unconditional TMA load keeps the pipeline's producer simple) and read zeros.
             vcol0 = T.max(col0 - K, 0) if summary else col0
             has_v = (col0 >= K) if summary else True
+            seg_chunks = T.ceildiv(t_end - t_beg, C)
+            if gate_chunks:
+                # Gate-driven (module docstring): a gated pair walks only its last gate_chunks chunks
+                # for S_ext, none for M, from a zero state.
+                gated = T.And(seg_chunks > gate_chunks,
+                              _window_decay(F, c_beg, seg_chunks, hv, gate_chunks) < GATE_DECAY)
+                first = T.if_then_else(gated, seg_chunks - gate_chunks, 0)
+                n_chunks = T.if_then_else(T.And(gated, T.Not(has_v)), 0, seg_chunks - first)
+            else:
+                gated = False
+                first = 0
+                n_chunks = seg_chunks
 
             K_s = T.alloc_shared((C, K), dtype)
             V_s = T.alloc_shared((C, BV), dtype)
@@ -120,15 +147,13 @@ def forward_rs_kernel(
                     St[j, d] = h0[row, hv, d, col0 + j]
             elif summary:
                 for j, d in T.Parallel(BV, K):
-                    St[j, d] = T.if_then_else(d == col0 + j, 1.0, 0.0)
+                    St[j, d] = T.if_then_else(gated, 0.0, T.if_then_else(d == col0 + j, 1.0, 0.0))
             else:
                 T.clear(St)
 
-            n_chunks = (T.if_then_else(skip[s, hv] != 0, 0, T.ceildiv(t_end - t_beg, C)) if summary
-                        else T.ceildiv(t_end - t_beg, C))
             for ic in T.Pipelined(n_chunks, num_stages=num_stages):
-                t0 = t_beg + ic * C
-                cid = c_beg + ic
+                t0 = t_beg + (first + ic) * C
+                cid = c_beg + first + ic
                 T.copy(k[t0:t0 + C, hk, :], K_s)
                 T.copy(Ag[cid, hv, :, :], Ag_s)
                 T.copy(F[cid, hv, :, :], F_s)

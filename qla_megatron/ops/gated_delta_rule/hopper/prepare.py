@@ -46,49 +46,30 @@ def inv_row_norms(X_s, r_s):
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
 def prepare_kernel(
     # task config
-    H: int, HV: int, K: int, dtype: str, l2norm: bool = False, rs_factors: bool = False,
+    H: int, HV: int, K: int, dtype: str, l2norm: bool = False,
     # kernel config
     threads: int = 128,
 ):
     """Grid (NC, HV). k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first token,
     valid tokens). Writes Gc, Bc [NC, HV, C] fp32 and A [NC, HV, C, C] dtype; with l2norm also
     Rk [NC, HV, C] = 1 / ||k|| (k itself is never rewritten: the forward folds Rk into its factors).
-
-    rs_factors=True (for forward_rs.py) takes (q, k, g, beta, chunks, sc, Ag, P, F) and writes the
-    chunk factors of the register-state forward instead (natural-log gate G = cumsum g, Rk / Rq =
-    1 / ||k||, 1 / ||q|| with l2norm, else 1):
-        Ag [NC, HV, C, C] dtype  (Gamma . A) diag(beta), exactly 0 above the diagonal
-        P  [NC, HV, C, C] dtype  sc diag(Rq) (Gamma . Q K^T) diag(Rk), lower
-        F  [NC, HV, 4, C] fp32   rows exp(G) Rk, exp(G_C - G) Rk, sc exp(G) Rq, exp(G_C)"""
+    (The rs forward's chunk factors come from prepare_rs.py instead.)"""
     C = CHUNK
     GQ = HV // H
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
 
-    @T.macro
-    def rs_chunk_factors(q, P, F, sc, ic, hv, hk, t0, n, K_s, g_s, r_s):
-        Q_s = T.alloc_shared((C, K), dtype)
-        rq_s = T.alloc_shared((C,), acc)
-        qk = T.alloc_fragment((C, C), acc)
-        for i, d in T.Parallel(C, K):
-            Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
-        if l2norm:
-            inv_row_norms(Q_s, rq_s)
-        else:
-            for i in T.Parallel(C):
-                rq_s[i] = 1.0
-        T.gemm(Q_s, K_s, qk, transpose_B=True, clear_accum=True)
-        for i, j in T.Parallel(C, C):
-            P[ic, hv, i, j] = T.cast(T.if_then_else(
-                i >= j, sc * rq_s[i] * r_s[j] * qk[i, j] * T.exp2((g_s[i] - g_s[j]) * LOG2E), 0.0), dtype)
-        for i in T.Parallel(C):
-            F[ic, hv, 0, i] = T.exp2(g_s[i] * LOG2E) * r_s[i]
-            F[ic, hv, 1, i] = T.exp2((g_s[C - 1] - g_s[i]) * LOG2E) * r_s[i]
-            F[ic, hv, 2, i] = sc * T.exp2(g_s[i] * LOG2E) * rq_s[i]
-            F[ic, hv, 3, i] = T.exp2(g_s[C - 1] * LOG2E)
-
-    @T.macro
-    def body(k, g, beta, chunks, Gc, Bc, Rk, A, q, P=None, F=None, sc=None):
+    @T.prim_func
+    def kernel(
+        k: T.Tensor((Tt, H, K), dtype),
+        g: T.Tensor((Tt, HV), acc),
+        beta: T.Tensor((Tt, HV), acc),
+        chunks: T.Tensor((NC, 2), "int32"),
+        Gc: T.Tensor((NC, HV, C), acc),
+        Bc: T.Tensor((NC, HV, C), acc),
+        Rk: T.Tensor((NC, HV, C), acc),
+        A: T.Tensor((NC, HV, C, C), dtype),
+    ):
         with T.Kernel(NC, HV, threads=threads) as (ic, hv):
             hk = hv // GQ
             t0 = chunks[ic, 0]
@@ -109,9 +90,6 @@ def prepare_kernel(
             if l2norm:
                 # 1 / ||k_i||; K K^T of unit rows = diag(r) K K^T diag(r).
                 inv_row_norms(K_s, r_s)
-            elif rs_factors:
-                for i in T.Parallel(C):
-                    r_s[i] = 1.0
             T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
             if l2norm:
                 for i, j in T.Parallel(C, C):
@@ -120,67 +98,19 @@ def prepare_kernel(
                 for i, j in T.Parallel(C, C):
                     L_s[i, j] = T.if_then_else(i > j, b_s[i] * kkt[i, j], 0.0)
             T.cumsum(src=g_s, dst=g_s, dim=0)
-            if rs_factors:
-                rs_chunk_factors(q, P, F, sc, ic, hv, hk, t0, n, K_s, g_s, r_s)
-            else:
-                for i in T.Parallel(C):
-                    Gc[ic, hv, i] = g_s[i] * LOG2E
-                    Bc[ic, hv, i] = b_s[i]
-                    if l2norm:
-                        Rk[ic, hv, i] = r_s[i]
+            for i in T.Parallel(C):
+                Gc[ic, hv, i] = g_s[i] * LOG2E
+                Bc[ic, hv, i] = b_s[i]
+                if l2norm:
+                    Rk[ic, hv, i] = r_s[i]
 
             tx = T.get_thread_binding()
-            part = T.alloc_local((4,), acc)
             if tx < C:
-                if rs_factors:
-                    # Row r's sum over j in four interleaved partial sums: a dependent chain of
-                    # ~r / 4 FMAs instead of r (64 threads a program: this loop is latency-bound).
-                    for r in T.unroll(C):
-                        for u in T.unroll(4):
-                            part[u] = 0.0
-                        for j in T.unroll(r):
-                            part[j % 4] = part[j % 4] + L_s[r, j] * x[j]
-                        x[r] = T.if_then_else(tx == r, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
-                else:
-                    for r in T.unroll(C):
-                        x[r] = T.if_then_else(tx == r, 1.0, 0.0)
-                        for j in T.unroll(r):
-                            x[r] = x[r] - L_s[r, j] * x[j]
-                if rs_factors:
-                    # Ag = (Gamma . A) diag(beta): exp(G_r - G_c) only where r >= c (it overflows above).
-                    for r in T.unroll(C):
-                        A[ic, hv, r, tx] = T.cast(T.if_then_else(
-                            r >= tx, x[r] * T.exp2((g_s[r] - g_s[tx]) * LOG2E) * b_s[tx], 0.0), dtype)
-                else:
-                    for r in T.unroll(C):
-                        A[ic, hv, r, tx] = T.cast(x[r], dtype)
-
-    if rs_factors:
-        @T.prim_func
-        def kernel(
-            q: T.Tensor((Tt, H, K), dtype),
-            k: T.Tensor((Tt, H, K), dtype),
-            g: T.Tensor((Tt, HV), acc),
-            beta: T.Tensor((Tt, HV), acc),
-            chunks: T.Tensor((NC, 2), "int32"),
-            sc: T.float32,
-            Ag: T.Tensor((NC, HV, C, C), dtype),
-            P: T.Tensor((NC, HV, C, C), dtype),
-            F: T.Tensor((NC, HV, 4, C), acc),
-        ):
-            body(k, g, beta, chunks, None, None, None, Ag, q, P, F, sc)
-    else:
-        @T.prim_func
-        def kernel(
-            k: T.Tensor((Tt, H, K), dtype),
-            g: T.Tensor((Tt, HV), acc),
-            beta: T.Tensor((Tt, HV), acc),
-            chunks: T.Tensor((NC, 2), "int32"),
-            Gc: T.Tensor((NC, HV, C), acc),
-            Bc: T.Tensor((NC, HV, C), acc),
-            Rk: T.Tensor((NC, HV, C), acc),
-            A: T.Tensor((NC, HV, C, C), dtype),
-        ):
-            body(k, g, beta, chunks, Gc, Bc, Rk, A, None)
+                for r in T.unroll(C):
+                    x[r] = T.if_then_else(tx == r, 1.0, 0.0)
+                    for j in T.unroll(r):
+                        x[r] = x[r] - L_s[r, j] * x[j]
+                for r in T.unroll(C):
+                    A[ic, hv, r, tx] = T.cast(x[r], dtype)
 
     return kernel

@@ -1,27 +1,30 @@
-"""Chunk factors of the register-state forward (forward_rs.py), computed for HP v-heads per program.
+"""Chunk factors of the register-state forward (forward_rs.py), HP v-heads per program.
 
-Same outputs as prepare_kernel(rs_factors=True) (prepare.py; read its docstring for the math):
+For every (chunk, v-head), in parallel over all chunks (G = cumsum g over the chunk's valid tokens in
+natural-log units, Gamma[r, c] = exp(G_r - G_c); Rk, Rq = 1 / ||k||, 1 / ||q|| with l2norm, else 1;
+Kn = diag(Rk) K; sc the scale of q):
 
-    Ag [NC, HV, C, C] dtype  (Gamma . A) diag(beta),  A = (I + StrictLower(diag(beta) Kn Kn^T))^-1
+    Ag [NC, HV, C, C] dtype  (Gamma . A) diag(beta),  A = (I + StrictLower(diag(beta) Kn Kn^T))^-1,
+                             exactly 0 above the diagonal
     P  [NC, HV, C, C] dtype  sc diag(Rq) (Gamma . Q K^T) diag(Rk), lower
     F  [NC, HV, 4, C] fp32   rows exp(G) Rk, exp(G_C - G) Rk, sc exp(G) Rq, exp(G_C)
 
-What differs is how, for speed (prepare was 54% of the op at 32/16 x 32k, ~16 us a program at two
-programs an SM):
+Pad tokens (past the end of their sequence in the last chunk) read q = k = 0, g = beta = 0: their rows
+of L are 0, G stays flat over them, and they leave the state unchanged in the forward.
+
+How, for speed (its predecessor, a rs_factors mode of prepare.py with one v-head a program, took
+0.99 ms against this kernel's 0.61 ms at 32/16 x 32k on an H100, 54% of the op):
 
 - The v-heads of one qk-head share q, k: a program takes HP of them (HP = 2 when HV / H is even), so q
   and k are loaded, and K K^T, Q K^T formed, once for both; the 128 threads then solve the two
-  triangular systems at once (threads 0-63 the first head's columns, 64-127 the second's) instead of
-  leaving half of them idle.
-- 1 / ||k|| and 1 / ||q|| are read off the diagonals of K K^T and Q Q^T (tensor-core products that are
-  needed or cheap anyway) instead of fp32 copies of the q and k tiles reduced row by row, which held
-  128 registers a thread and kept the kernel at two programs an SM.
-- Each column's forward substitution sums in four interleaved partial sums (a dependent chain of
-  ~r / 4 FMAs for row r instead of r).
-- Ag and P are staged in shared memory and leave as whole tiles.
-
-Not yet run on a GPU: the launcher uses it only with QLA_MEGATRON_HOPPER_PREPARE=v2 until
-tests/ops/test_hopper_forward.py passes with it.
+  triangular systems at once (threads 0-63 the first head's columns, 64-127 the second's).
+- 1 / ||k|| and 1 / ||q|| are read off the diagonals of K K^T and Q Q^T (tensor-core products)
+  instead of fp32 copies of the q and k tiles reduced row by row, which held 128 registers a thread.
+- The inverse is a forward substitution in which thread c owns column c of A in 64 registers: row r
+  of column c is delta_rc - sum_{j<r} L[r, j] A[j, c], with L read from shared memory as a broadcast
+  (four consecutive entries of a row a 128-bit load), summed in four interleaved partial sums (a dependent chain
+  of ~r / 4 FMAs for row r instead of r). Exact float32; only the final store rounds to the dtype.
+- Ag and P are staged in shared memory and leave as whole tiles (TMA stores).
 """
 
 import tilelang
