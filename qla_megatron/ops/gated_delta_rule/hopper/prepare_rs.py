@@ -12,19 +12,26 @@ Kn = diag(Rk) K; sc the scale of q):
 Pad tokens (past the end of their sequence in the last chunk) read q = k = 0, g = beta = 0: their rows
 of L are 0, G stays flat over them, and they leave the state unchanged in the forward.
 
-How, for speed (its predecessor, a rs_factors mode of prepare.py with one v-head a program, took
-0.99 ms against this kernel's 0.61 ms at 32/16 x 32k on an H100, 54% of the op):
+How, for speed (its first version took 0.62 ms at 32/16 x 32768 on an H100, this one 0.39; the chunk
+factors were 54% of the op before that, with one v-head a program):
 
 - The v-heads of one qk-head share q, k: a program takes HP of them (HP = 2 when HV / H is even), so q
   and k are loaded, and K K^T, Q K^T formed, once for both; the 128 threads then solve the two
   triangular systems at once (threads 0-63 the first head's columns, 64-127 the second's).
-- 1 / ||k|| and 1 / ||q|| are read off the diagonals of K K^T and Q Q^T (tensor-core products)
-  instead of fp32 copies of the q and k tiles reduced row by row, which held 128 registers a thread.
-- The inverse is a forward substitution in which thread c owns column c of A in 64 registers: row r
-  of column c is delta_rc - sum_{j<r} L[r, j] A[j, c], with L read from shared memory as a broadcast
-  (four consecutive entries of a row a 128-bit load), summed in four interleaved partial sums (a dependent chain
-  of ~r / 4 FMAs for row r instead of r). Exact float32; only the final store rounds to the dtype.
-- Ag and P are staged in shared memory and leave as whole tiles (TMA stores).
+- 1 / ||k|| and 1 / ||q|| are read off the diagonals of K K^T and Q Q^T (tensor-core products).
+- Gamma . (I + L)^-1 = (I + Gamma . L)^-1 (with D = diag(exp G), Gamma . M = D M D^-1 for lower M), so
+  the substitution inverts I + L_g, L_g[i, j] = beta_i Rk_i Rk_j kkt[i, j] Gamma[i, j] (i > j), and
+  Ag[r, c] = x[r] beta_c: no exp in the Ag write. Gamma[i, j] is formed once per element and serves
+  both L_g and P.
+- Row and column factors (beta Rk, Rk, sc Rq, G log2 e) sit in fragments laid out like the K K^T
+  accumulator, loaded once a thread instead of shared-memory reads per element.
+- exp2 is ex2.approx.ftz (one MUFU; results below 2^-126 flush to 0). The kernel compiles without fast
+  math, so the substitution is IEEE float32.
+- The inverse is a forward substitution in which thread c owns column c of A in 64 registers, in
+  blocks of 16 rows: a triangle within the block, then the block's columns applied to every row below
+  as a rectangle (independent rows, one accumulator each), L read from shared memory as broadcasts.
+  x[r] = 0 exactly for r < c, so Ag is exactly 0 above the diagonal.
+- P leaves by TMA as soon as it is built, overlapping the substitution; Ag follows; one wait at the end.
 """
 
 import tilelang
@@ -32,6 +39,18 @@ import tilelang.language as T
 
 CHUNK = 64
 LOG2E = 1.4426950408889634
+
+_PRELUDE = r"""
+__device__ __forceinline__ float qla_ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+"""
+
+
+def _ex2(x):
+    return T.call_extern("float32", "qla_ex2_ftz", x)
 
 
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
@@ -49,6 +68,26 @@ def prepare_rs_kernel(
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
     threads = 128
+    # HP = 1: threads 64..127 idle in the substitution.
+
+    B = 16
+
+    @T.macro
+    def tri(L_s, x, part, hh, col, r0):
+        # rows r0 .. r0 + B - 1 from the columns r0 .. r - 1 of the same block
+        for rr in T.unroll(B):
+            part[0] = x[r0 + rr]
+            part[1] = 0.0
+            for jj in T.unroll(rr):
+                part[jj % 2] = part[jj % 2] + L_s[hh, r0 + rr, r0 + jj] * x[r0 + jj]
+            x[r0 + rr] = T.if_then_else(col == r0 + rr, 1.0, 0.0) - (part[0] + part[1])
+
+    @T.macro
+    def rect(L_s, x, hh, r_lo, r_hi, j0):
+        # x[r] += L[r, j0 : j0 + B] x[j0 : j0 + B] for r in r_lo .. r_hi - 1 (a partial sum, not yet negated)
+        for r in T.unroll(r_lo, r_hi):
+            for jj in T.unroll(B):
+                x[r] = x[r] + L_s[hh, r, j0 + jj] * x[j0 + jj]
 
     @T.prim_func
     def kernel(
@@ -62,9 +101,7 @@ def prepare_rs_kernel(
         P: T.Tensor((NC, HV, C, C), dtype),
         F: T.Tensor((NC, HV, 4, C), acc),
     ):
-        with T.Kernel(NC, HV // HP, threads=threads) as (ic, hp):
-            # Registers for min_blocks programs an SM (the substitution's unrolled loop takes all 255
-            # otherwise, for two).
+        with T.Kernel(NC, HV // HP, threads=threads, prelude=_PRELUDE) as (ic, hp):
             T.annotate_min_blocks_per_sm(min_blocks)
             hv0 = hp * HP
             hk = hv0 // GQ
@@ -77,14 +114,21 @@ def prepare_rs_kernel(
             b_s = T.alloc_shared((HP, C), acc)
             r_s = T.alloc_shared((C,), acc)           # 1 / ||k_i||
             rq_s = T.alloc_shared((C,), acc)          # 1 / ||q_i||
-            L_s = T.alloc_shared((HP, C, C), acc)
+            L_s = T.alloc_shared((HP, C, C), acc)     # Gamma . L
             A_s = T.alloc_shared((HP, C, C), dtype)   # Ag, staged
             P_s = T.alloc_shared((HP, C, C), dtype)
             kkt = T.alloc_fragment((C, C), acc)
             qk = T.alloc_fragment((C, C), acc)
+            # Row / column factors in the accumulator's layout.
+            f_rl = T.alloc_fragment((C,), acc)        # beta_i Rk_i (head h)
+            f_rg = T.alloc_fragment((C,), acc)        # G_i log2 e (head h)
+            f_cg = T.alloc_fragment((C,), acc)        # G_j log2 e (head h)
+            f_rq = T.alloc_fragment((C,), acc)        # sc Rq_i
+            f_cr = T.alloc_fragment((C,), acc)        # Rk_j
             x = T.alloc_local((C,), acc)
             part = T.alloc_local((4,), acc)
             run = T.alloc_local((1,), acc)
+            bc = T.alloc_local((1,), acc)
 
             for i, d in T.Parallel(C, K):
                 K_s[i, d] = T.if_then_else(i < n, k[t0 + i, hk, d], T.cast(0, dtype))
@@ -94,7 +138,6 @@ def prepare_rs_kernel(
                 b_s[h, i] = T.if_then_else(i < n, beta[t0 + i, hv0 + h], 0.0)
             T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
             if l2norm:
-                # ||q_i||^2 from the diagonal of Q Q^T (qk holds it until Q K^T overwrites it).
                 T.gemm(Q_s, Q_s, qk, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     if i == j:
@@ -108,42 +151,60 @@ def prepare_rs_kernel(
 
             tx = T.get_thread_binding()
             # Inclusive prefix sums, one (head, token) a thread: the same additions in the same order
-            # as a sequential cumsum.
+            # as a sequential cumsum (masked terms add +0, exactly).
             if tx < HP * C:
                 run[0] = 0.0
-                for j in T.serial(C):
-                    if j <= tx % C:
-                        run[0] = run[0] + g_raw[tx // C, j]
+                for j in T.unroll(C):
+                    gj = g_raw[tx // C, j]
+                    run[0] = run[0] + T.if_then_else(j <= tx % C, gj, 0.0)
                 g_s[tx // C, tx % C] = run[0]
 
-            for h, i, j in T.Parallel(HP, C, C):
-                L_s[h, i, j] = T.if_then_else(i > j, b_s[h, i] * r_s[i] * r_s[j] * kkt[i, j], 0.0)
-            for h, i, j in T.Parallel(HP, C, C):
-                P_s[h, i, j] = T.cast(T.if_then_else(
-                    i >= j, sc * rq_s[i] * r_s[j] * qk[i, j] * T.exp2((g_s[h, i] - g_s[h, j]) * LOG2E), 0.0),
-                    dtype)
-            for h, i in T.Parallel(HP, C):
-                F[ic, hv0 + h, 0, i] = T.exp2(g_s[h, i] * LOG2E) * r_s[i]
-                F[ic, hv0 + h, 1, i] = T.exp2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[i]
-                F[ic, hv0 + h, 2, i] = sc * T.exp2(g_s[h, i] * LOG2E) * rq_s[i]
-                F[ic, hv0 + h, 3, i] = T.exp2(g_s[h, C - 1] * LOG2E)
-
-            # Column c = tx % C of head tx // C: A[:, c] by forward substitution, then
-            # Ag[r, c] = A[r, c] exp(G_r - G_c) beta_c (the exp only where r >= c: it overflows above).
-            if tx < HP * C:
-                for r in T.unroll(C):
-                    for u in T.unroll(4):
-                        part[u] = 0.0
-                    for j in T.unroll(r):
-                        part[j % 4] = part[j % 4] + L_s[tx // C, r, j] * x[j]
-                    x[r] = T.if_then_else(tx % C == r, 1.0, 0.0) - ((part[0] + part[1]) + (part[2] + part[3]))
-                for r in T.unroll(C):
-                    A_s[tx // C, r, tx % C] = T.cast(T.if_then_else(
-                        r >= tx % C,
-                        x[r] * T.exp2((g_s[tx // C, r] - g_s[tx // C, tx % C]) * LOG2E) * b_s[tx // C, tx % C],
-                        0.0), dtype)
+            for i in T.Parallel(C):
+                f_rq[i] = sc * rq_s[i]
+            for j in T.Parallel(C):
+                f_cr[j] = r_s[j]
+            # Gamma[i, j] = 2^(G_i log2e - G_j log2e), <= 1 for i >= j; above the diagonal it may be
+            # inf, and the select drops it. One head at a time: 16 column factors live, not 32.
             for h in T.unroll(HP):
-                T.copy(A_s[h, :, :], Ag[ic, hv0 + h, :, :])
-                T.copy(P_s[h, :, :], P[ic, hv0 + h, :, :])
+                for i in T.Parallel(C):
+                    f_rl[i] = b_s[h, i] * r_s[i]
+                    f_rg[i] = g_s[h, i] * LOG2E
+                for j in T.Parallel(C):
+                    f_cg[j] = g_s[h, j] * LOG2E
+                for i, j in T.Parallel(C, C):
+                    w = f_cr[j] * _ex2(f_rg[i] - f_cg[j])
+                    L_s[h, i, j] = T.if_then_else(i > j, (f_rl[i] * kkt[i, j]) * w, 0.0)
+                    P_s[h, i, j] = T.cast(T.if_then_else(i >= j, (f_rq[i] * qk[i, j]) * w, 0.0), dtype)
+            for h, i in T.Parallel(HP, C):
+                F[ic, hv0 + h, 0, i] = _ex2(g_s[h, i] * LOG2E) * r_s[i]
+                F[ic, hv0 + h, 1, i] = _ex2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[i]
+                F[ic, hv0 + h, 2, i] = sc * _ex2(g_s[h, i] * LOG2E) * rq_s[i]
+                F[ic, hv0 + h, 3, i] = _ex2(g_s[h, C - 1] * LOG2E)
+            for h in T.unroll(HP):
+                T.tma_copy(P_s[h, :, :], P[ic, hv0 + h, :, :])
+
+            # Column c of head tx // C: A_g[:, c] by forward substitution, in blocks of B rows: a
+            # diagonal block is a triangle (x[r] enters holding the sum over earlier blocks), the
+            # rows below it take its columns as a rectangle (rows independent: one accumulator each,
+            # x[r] itself). x[r] = 0 exactly for r < c (the sums are of +0 terms).
+            if tx < HP * C:
+                hh = tx // C
+                for r in T.unroll(C):
+                    x[r] = 0.0
+                for bi in T.unroll(C // B):
+                    tri(L_s, x, part, hh, tx % C, bi * B)
+                    rect(L_s, x, hh, bi * B + B, C, bi * B)
+            # TileLang's planner counts P_s dead once its TMA store is issued and may place A_s on it
+            # (it does for HP = 1): the store must have read P_s before anyone writes A_s. The wait is
+            # the issuing thread's; the barrier (outside the branch: all threads) passes it on.
+            T.tma_store_wait()
+            T.sync_threads()
+            if tx < HP * C:
+                bc[0] = b_s[tx // C, tx % C]
+                for r in T.unroll(C):
+                    A_s[tx // C, r, tx % C] = T.cast(x[r] * bc[0], dtype)
+            for h in T.unroll(HP):
+                T.tma_copy(A_s[h, :, :], Ag[ic, hv0 + h, :, :])
+            T.tma_store_wait()
 
     return kernel
