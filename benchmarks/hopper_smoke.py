@@ -59,12 +59,12 @@ def precompile_tests(variants=("fused",)):
     todo = []
     # The long-run tests compare rs with fused, so rs brings the fused set along.
     for v in (["fused"] + [x for x in variants if x != "fused"] if "rs" in variants else list(variants)):
-        todo += [it for h, hv in heads for i, it in enumerate(forward_set(h, hv, 128, 128, variant=v)) if i in (0, 1, 2, 5)]
+        todo += [it for h, hv in heads for i, it in enumerate(forward_set(h, hv, 128, 128, variant=v)) if i in (0, 1, 2, 5, 6, 7)]
         todo += [it for V in (64, 128, 256) for i, it in enumerate(forward_set(2, 4, 128, V, variant=v))
-                 if i in ((0, 2) if V == 64 else (2,))]
-        todo += [it for i, it in enumerate(forward_set(2, 4, 128, 128, torch.float16, variant=v)) if i in (0, 2)]
+                 if i in ((0, 2, 7) if V == 64 else (2, 7))]
+        todo += [it for i, it in enumerate(forward_set(2, 4, 128, 128, torch.float16, variant=v)) if i in (0, 2, 7)]
         # test_variant_matches_recurrence_long without l2norm (both variants)
-        todo += [it for i, it in enumerate(forward_set(2, 8, 128, 128, l2norm=False, variant=v)) if i in (0, 2, 5)]
+        todo += [it for i, it in enumerate(forward_set(2, 8, 128, 128, l2norm=False, variant=v)) if i in (0, 2, 5, 7)]
     if "rs" in variants:   # the exact summary kernel: the gate-driven test (2/8), the breakdown and bench (16/32)
         todo += [forward_set(h, hv, 128, 128, variant="rs", gate_chunks=0)[5] for h, hv in ((2, 8), (16, 32))]
     todo = list({repr(it): it for it in todo}.values())

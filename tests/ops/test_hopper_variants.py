@@ -52,7 +52,8 @@ def test_rs_forward_set_and_ir():
     rs = hchunk.forward_set(2, 8, 128, 128, variant="rs")
     assert rs[0] == ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=True, HP=2))
     assert hchunk.forward_set(32, 32, 128, 128)[0][2]["HP"] == 1      # HV / H = 1: one v-head a program
-    assert {n for n, _, _ in rs[1:]} == {"forward_rs"} and len(rs) == 6
+    assert [n for n, _, _ in rs[1:]] == ["forward_rs"] * 5 + ["compose"] * 2
+    assert [kw["has_initial"] for _, _, kw in rs[6:]] == [False, True]
     for l2norm in (True, False):      # rs is the default
         assert hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm) == \
             hchunk.forward_set(2, 8, 128, 128, l2norm=l2norm, variant="rs")
@@ -145,6 +146,16 @@ def test_compose_starts_matches_a_plain_walk(bounds, seg_len, with_h0):
             m = summ[summary_at[start]]
             z = m[..., :K] @ z + m[..., K:]
         assert torch.allclose(got[row].double(), z, atol=1e-4, rtol=1e-4), (row, seg)
+    # compose_kernel's tables (the walk it runs, emulated step by step): the same start states.
+    walked = torch.full((plan.NS, HV, K, V), float("nan"), dtype=torch.float64)
+    for (J, n), srow, zrow in zip(plan.comp_meta.tolist(), plan.comp_srow.tolist(), plan.comp_zrow.tolist()):
+        z = h0[n] if with_h0 else torch.zeros(HV, K, V, dtype=torch.float64)
+        walked[zrow[0]] = z
+        for j in range(J):
+            m = summ[srow[j]]
+            z = m[..., :K] @ z + m[..., K:]
+            walked[zrow[j + 1]] = z
+    assert torch.allclose(walked, got.double(), atol=1e-4, rtol=1e-4)      # every row written
 
 
 def test_intra_cp_config_mode():

@@ -5,7 +5,7 @@
     summary   per (column block of [M | S_ext], v-head, segment with a successor): the segment's (S_ext, M);
               gate-driven (rs, the default) where the decay over its last warmup_chunks chunks allows:
               (0, the end state of those chunks from zero) instead (forward_rs.py's docstring)
-    compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence (torch, fp32)
+    compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence (compose.py: fp32, one launch)
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
 Without intra-card CP (one segment per sequence) only prepare and forward run.
@@ -30,6 +30,7 @@ import torch
 
 from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
+from .compose import compose_kernel
 from .forward import CHUNK, forward_kernel
 from .forward_rs import forward_rs_kernel
 from .prepare import prepare_kernel
@@ -37,6 +38,7 @@ from .prepare_rs import prepare_rs_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BV = 64
+COMPOSE_BVC = 16     # state columns per compose_kernel program
 BV_RS = 128          # forward_rs: two consumer warpgroups, 64 state columns each (64: one, for V = 64)
 
 
@@ -92,6 +94,11 @@ class _Plan:
     NZ: int
     NC: int
     NS: int
+    # The same walk for compose_kernel (compose.py), per sequence: (J, h0 row), the summary row of
+    # step j, the main-pass row of segment j.
+    comp_meta: Optional[torch.Tensor] = None   # [N, 2] int32
+    comp_srow: Optional[torch.Tensor] = None   # [N, max J] int32
+    comp_zrow: Optional[torch.Tensor] = None   # [N, max J + 1] int32
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,7 +129,7 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         init_row = seg_row[(n, j)] if seg_len else n
         out_row = n if j == last_j[n] else -1
         segs.append((s, e, c0, init_row, out_row))
-    sum_segs, steps, first_z, z_of_seg, NZ = None, (), None, None, 0
+    sum_segs, steps, first_z, z_of_seg, NZ, comp = None, (), None, None, 0, {}
     if seg_len and any(v > 0 for v in last_j.values()):
         # Sequences with the most segments first: then, for every j, the sequences that have a
         # segment j + 1 are a prefix of those that have a segment j, and each composition step is
@@ -150,14 +157,22 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         first_z = torch.tensor(by_len, dtype=torch.long).to(device)
         z_of_seg = torch.tensor([z_row[(pieces[i][3], pieces[i][4])] for i in order], dtype=torch.long).to(device)
         NZ = len(z_row)
+        meta = [(last_j[n], n) for n in range(N)]
+        srow = [[sum_row.get((n, j), 0) for j in range(maxj)] for n in range(N)]
+        zrow = [[seg_row.get((n, j), 0) for j in range(maxj + 1)] for n in range(N)]
+        comp = dict(comp_meta=torch.tensor(meta, dtype=torch.int32).to(device),
+                    comp_srow=torch.tensor(srow, dtype=torch.int32).to(device),
+                    comp_zrow=torch.tensor(zrow, dtype=torch.int32).to(device))
     return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
                  segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs))
+                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs),
+                 **comp)
 
 
 def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int,
 ) -> torch.Tensor:
-    """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32:
+    """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32, in
+    torch: the reference of compose_kernel (the op launches that, through compose()):
     Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0). summ [NSS, HV, K, K + V] from
     the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V] in the main pass's row order.
     One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential.
@@ -175,6 +190,17 @@ def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], 
         torch.baddbmm(ext[a:b], M[a:b], Z[cur.start * HV:cur.stop * HV], out=Z[nxt.start * HV:nxt.stop * HV])
     Z = Z.view(plan.NZ, HV, K, V)
     return Z[plan.z_of_seg]
+
+
+def compose(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
+    """compose_starts in one launch of compose_kernel (compose.py): the same [NS, HV, K, V] fp32."""
+    NSS, HV, K, W = summ.shape
+    V = W - K
+    kern = compose_kernel(HV, K, V, has_initial=h0 is not None, BVc=COMPOSE_BVC)
+    out = _empty(plan.NS, HV, K, V, dtype=torch.float32, device=summ.device)
+    dummy = summ.new_empty(1, HV, K, V)
+    kern(summ, h0 if h0 is not None else dummy, plan.comp_meta, plan.comp_srow, plan.comp_zrow, out)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,7 +318,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
         # Gate-driven summaries: the rs kernel only (the fused one composes exactly).
         gate = dict(gate_chunks=cfg.warmup_chunks) if cfg.mode == "gate" and variant == "rs" else {}
         _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True, **gate)
-        h0 = compose_starts(plan, summ, h0, K)
+        h0 = compose(plan, summ, h0)
     o, ht = run_pass(plan.segs, h0=h0, n_final=N if output_final_state else 0)
     return o.view(B, T, HV, V), ht
 
@@ -314,9 +340,10 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
                 gate_chunks: Optional[int] = None):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
     length and batch are symbolic, so this set serves every length. Same order for every variant:
-    prepare, four main-pass kernels, the summary kernel. rs: the summary is gate-driven with
+    prepare, four main-pass kernels, the summary kernel, the composition without and with h0. rs: the summary is gate-driven with
     warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0: the exact summary)."""
     d = _DTYPES[dtype]
+    compose = [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
     if variant == "rs":
         main = dict(summary=False, BV=bv_rs(V))
         return [("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, HP=heads_per_prepare(H, HV))),
@@ -325,7 +352,7 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
                 ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V),
-                                                      gate_chunks=_summary_gate_chunks(gate_chunks)))]
+                                                      gate_chunks=_summary_gate_chunks(gate_chunks)))] + compose
     main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
     return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
@@ -333,13 +360,13 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
             ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
             ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
             ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, async_mma=ASYNC_MMA,
-                                               l2norm=l2norm))]
+                                               l2norm=l2norm))] + compose
 
 
 def _compile_one(item):
     name, args, kwargs = item
     factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_rs": forward_rs_kernel,
-               "prepare_rs": prepare_rs_kernel}[name]
+               "prepare_rs": prepare_rs_kernel, "compose": compose_kernel}[name]
     t = time.time()
     factory(*args, **kwargs)
     return time.time() - t
