@@ -10,6 +10,7 @@ from `nvcc -Xptxas -v` on the generated source:
     python benchmarks/hopper_compile_cpu.py --keep /tmp/rs        # also keep the .cu sources
     python benchmarks/hopper_compile_cpu.py --kernel prepare_rs   # the rs chunk factors, with and without l2norm
     python benchmarks/hopper_compile_cpu.py --kernel prepare      # the fused forward's prepare
+    python benchmarks/hopper_compile_cpu.py --kernel compose      # the composition of segment summaries
 
 Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
 
@@ -98,7 +99,7 @@ def dynamic_smem(host_src: str, threads: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare_rs", "prepare"])
+    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare_rs", "prepare", "compose"])
     ap.add_argument("--heads", default="2/8,16/32", help="H/HV pairs")
     ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
     ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
@@ -107,7 +108,7 @@ def main():
     import tilelang
     if not args.warm:
         tilelang.disable_cache()
-    from qla_megatron.ops.gated_delta_rule.hopper import chunk, forward, forward_rs, prepare, prepare_rs
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk, compose, forward, forward_rs, prepare, prepare_rs
     fast = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
     exact = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
     if args.keep:
@@ -123,6 +124,10 @@ def main():
             variants = [(dict(l2norm=l2, HP=chunk.heads_per_prepare(H, HV)), exact) for l2 in (False, True)]
             factory = prepare_rs.prepare_rs_kernel
             pos = (H, HV, 128, "bfloat16")
+        elif args.kernel == "compose":
+            variants = [(dict(has_initial=hi, BVc=chunk.COMPOSE_BVC), exact) for hi in (False, True)]
+            factory = compose.compose_kernel
+            pos = (HV, 128, 128)
         elif args.kernel == "forward_rs":
             factory = forward_rs.forward_rs_kernel
             pos = (H, HV, 128, 128, "bfloat16")
