@@ -37,8 +37,9 @@ class IntraCPConfig:
     min_segment_chunks: int = 8              # shorter segments cost more in summaries than they save
     programs_per_sm: int = 1                 # concurrent forward programs per SM (shared memory bound)
     summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
-    compose_cost: float = 2.5                # one sequential composition step (a batched fp32 product
-                                             # and its launch), in chunk-steps
+    compose_cost: float = 2.5                # one sequential composition step, in chunk-steps (set when
+                                             # each step was a torch launch; compose.py now runs them all
+                                             # in one, not re-tuned since)
     mode: str = "gate"                       # "gate" or "exact" (see the module docstring)
     warmup_chunks: int = 4                   # gate mode: chunks of warm-up before a segment
 
