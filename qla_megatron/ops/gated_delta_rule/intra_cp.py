@@ -14,8 +14,8 @@ down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer seg
 Switch: QLA_MEGATRON_INTRA_CP=0 turns it off; QLA_MEGATRON_INTRA_CP_SEGMENT=<tokens> forces a segment
 length (a multiple of 64). QLA_MEGATRON_INTRA_CP_MODE=gate (the default; Hopper "rs" forward only)
 starts a (segment, v-head) from a warm-up over the QLA_MEGATRON_INTRA_CP_WARMUP chunks before it
-(default 4) instead of the exact composition where the decay over that window is below e^-10, and
-skips that pair's summary (DESIGN §2, "gate-driven"; the bound is in
+(default 4) instead of the exact composition where the decay over that window is below e^-10: that
+pair's summary walks only the window (DESIGN §2, "gate-driven"; the bound is in
 segments.segmented_chunk_gated_delta_rule); heads without such decay compose exactly. "exact" always
 composes. All can also be passed per call through `IntraCPConfig`.
 """

@@ -87,15 +87,10 @@ class _Plan:
     chunks: torch.Tensor        # [NC, 2] int32: first token, valid tokens
     segs: torch.Tensor          # [NS, 5] int32 for the main pass
     sum_segs: Optional[torch.Tensor]   # [NSS, 5] for the summary pass, or None
-    # Composition (see compose_starts): slices of the summary rows and of the start-state rows Z.
-    compose_steps: tuple        # ((summary row slice, Z slice of segment j, Z slice of segment j + 1), ...)
-    first_z: Optional[torch.Tensor]    # sequence of each Z row of segment 0 [N], or None
-    z_of_seg: Optional[torch.Tensor]   # Z row of every main-pass segment [NS], or None
-    NZ: int
     NC: int
     NS: int
-    # The same walk for compose_kernel (compose.py), per sequence: (J, h0 row), the summary row of
-    # step j, the main-pass row of segment j.
+    # The composition's walk (compose.py; compose_starts), per sequence: (J, h0 row), the summary row
+    # of step j, the main-pass row of segment j. None without summaries.
     comp_meta: Optional[torch.Tensor] = None   # [N, 2] int32
     comp_srow: Optional[torch.Tensor] = None   # [N, max J] int32
     comp_zrow: Optional[torch.Tensor] = None   # [N, max J + 1] int32
@@ -129,34 +124,13 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
         init_row = seg_row[(n, j)] if seg_len else n
         out_row = n if j == last_j[n] else -1
         segs.append((s, e, c0, init_row, out_row))
-    sum_segs, steps, first_z, z_of_seg, NZ, comp = None, (), None, None, 0, {}
+    sum_segs, comp = None, {}
     if seg_len and any(v > 0 for v in last_j.values()):
-        # Sequences with the most segments first: then, for every j, the sequences that have a
-        # segment j + 1 are a prefix of those that have a segment j, and each composition step is
-        # one batched product over contiguous rows (no gathers).
-        by_len = sorted(range(N), key=lambda n: -last_j[n])
+        # One summary row per segment that has a successor.
         maxj = max(last_j.values())
-        z_row, sum_row, z_off, s_off = {}, {}, [], []
-        for j in range(maxj + 1):
-            z_off.append(len(z_row))
-            for n in by_len:
-                if last_j[n] >= j:
-                    z_row[(n, j)] = len(z_row)
-        for j in range(maxj):
-            s_off.append(len(sum_row))
-            for n in by_len:
-                if last_j[n] > j:
-                    sum_row[(n, j)] = len(sum_row)
-        s_off.append(len(sum_row))
+        sum_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] < last_j[p[3]])}
         pos = {(p[3], p[4]): p for p in pieces}
         sum_segs = torch.tensor([(*pos[nj][:3], 0, r) for nj, r in sum_row.items()], dtype=torch.int32).to(device)
-        # Step j: the summaries of segment j of every sequence that has a segment j + 1 (cnt of them).
-        steps = tuple((slice(s_off[j], s_off[j + 1]), slice(z_off[j], z_off[j] + cnt),
-                       slice(z_off[j + 1], z_off[j + 1] + cnt))
-                      for j in range(maxj) for cnt in [s_off[j + 1] - s_off[j]])
-        first_z = torch.tensor(by_len, dtype=torch.long).to(device)
-        z_of_seg = torch.tensor([z_row[(pieces[i][3], pieces[i][4])] for i in order], dtype=torch.long).to(device)
-        NZ = len(z_row)
         meta = [(last_j[n], n) for n in range(N)]
         srow = [[sum_row.get((n, j), 0) for j in range(maxj)] for n in range(N)]
         zrow = [[seg_row.get((n, j), 0) for j in range(maxj + 1)] for n in range(N)]
@@ -165,31 +139,26 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
                     comp_zrow=torch.tensor(zrow, dtype=torch.int32).to(device))
     return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
                  segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 compose_steps=steps, first_z=first_z, z_of_seg=z_of_seg, NZ=NZ, NC=len(chunks), NS=len(segs),
-                 **comp)
+                 NC=len(chunks), NS=len(segs), **comp)
 
 
-def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int,
-) -> torch.Tensor:
+def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int) -> torch.Tensor:
     """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32, in
-    torch: the reference of compose_kernel (the op launches that, through compose()):
-    Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0). summ [NSS, HV, K, K + V] from
-    the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V] in the main pass's row order.
-    One batched product per step (torch.baddbmm over contiguous rows): the steps are sequential.
-    Gate-driven summaries need nothing here: theirs are (M = 0, S_ext = warm-up state)."""
+    torch, one sequence and step at a time: the reference of compose_kernel (the op launches that,
+    through compose()). Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0).
+    summ [NSS, HV, K, K + V] from the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V]
+    in the main pass's row order. Gate-driven summaries need nothing here: theirs are
+    (M = 0, S_ext = warm-up state)."""
     NSS, HV, _, W = summ.shape
-    V = W - K
-    # (row, v-head) flattened into one batch dimension, so that every step is slices + one product.
-    M = summ[..., :K].reshape(NSS * HV, K, K)
-    ext = summ[..., K:].reshape(NSS * HV, K, V)
-    Z = torch.zeros(plan.NZ * HV, K, V, dtype=torch.float32, device=summ.device)
-    if h0 is not None:
-        Z[:len(plan.first_z) * HV] = h0[plan.first_z].reshape(-1, K, V)
-    for sl, cur, nxt in plan.compose_steps:
-        a, b = sl.start * HV, sl.stop * HV
-        torch.baddbmm(ext[a:b], M[a:b], Z[cur.start * HV:cur.stop * HV], out=Z[nxt.start * HV:nxt.stop * HV])
-    Z = Z.view(plan.NZ, HV, K, V)
-    return Z[plan.z_of_seg]
+    out = summ.new_empty(plan.NS, HV, K, W - K)
+    for (J, n), srow, zrow in zip(plan.comp_meta.tolist(), plan.comp_srow.tolist(), plan.comp_zrow.tolist()):
+        z = h0[n] if h0 is not None else summ.new_zeros(HV, K, W - K)
+        out[zrow[0]] = z
+        for j in range(J):
+            m = summ[srow[j]]
+            z = torch.baddbmm(m[..., K:], m[..., :K], z)
+            out[zrow[j + 1]] = z
+    return out
 
 
 def compose(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
@@ -241,22 +210,30 @@ def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
     return Ag, P, F
 
 
+def _pass_buffers(q, HV, K, V, n_final, summary, states):
+    """What a forward or summary pass writes, for both kernels: (dummy h0 / ht [1, HV, K, W] fp32,
+    ht [n_final, HV, K, W] fp32 (the dummy when n_final = 0), o [Tt, HV, V] (one unwritten row in
+    summary mode), states (given, or a one-row dummy)); W = K + V in summary mode, else V."""
+    Tt, dev = q.shape[0], q.device
+    W = K + V if summary else V
+    dummy = torch.empty(1, HV, K, W, dtype=torch.float32, device=dev)
+    ht = _empty(n_final, HV, K, W, dtype=torch.float32, device=dev) if n_final else dummy
+    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
+        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
+    st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
+    return dummy, ht, o, st
+
+
 def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, gate_chunks=0):
     """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None).
     summary: the [M | S_ext] pass; gate_chunks > 0 (summary only): gate-driven, with warm-ups of that
     many chunks (forward_rs.py)."""
-    Tt, H, K = k.shape
+    _, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
-    Wd = K + V if summary else V
-    dev = k.device
     kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
                              store_final=n_final > 0, save_states=states is not None, gate_chunks=gate_chunks,
                              BV=bv_rs(V))
-    dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
-    ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
-    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
-        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
-    st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
+    dummy, ht, o, st = _pass_buffers(q, HV, K, V, n_final, summary, states)
     kern(q, k, v, Ag, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
     return o, (ht if n_final else None)
 
@@ -264,19 +241,13 @@ def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, st
 def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
             l2norm=False):
     """Launch the "fused" forward kernel (forward.py) over the segments in `segs`.
-    Returns ht [n_final, HV, K, W] or None."""
-    Tt, H, K = k.shape
+    Returns (o, ht [n_final, HV, K, W] or None)."""
+    _, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
-    Wd = K + V if summary else V
-    dev = k.device
     kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
                           store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
                           BV=BV, async_mma=ASYNC_MMA)
-    dummy = torch.empty(1, HV, K, Wd, dtype=torch.float32, device=dev)
-    ht = _empty(n_final, HV, K, Wd, dtype=torch.float32, device=dev) if n_final else dummy
-    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
-        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
-    st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
+    dummy, ht, o, st = _pass_buffers(q, HV, K, V, n_final, summary, states)
     kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
     return o, (ht if n_final else None)
 
@@ -340,8 +311,9 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
                 gate_chunks: Optional[int] = None):
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
     length and batch are symbolic, so this set serves every length. Same order for every variant:
-    prepare, four main-pass kernels, the summary kernel, the composition without and with h0. rs: the summary is gate-driven with
-    warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0: the exact summary)."""
+    prepare, four main-pass kernels, the summary kernel, the composition without and with h0. rs: the
+    summary is gate-driven with warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0:
+    the exact summary)."""
     d = _DTYPES[dtype]
     compose = [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
     if variant == "rs":
