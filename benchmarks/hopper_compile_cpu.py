@@ -121,7 +121,7 @@ def main():
             factory = prepare.prepare_kernel
             pos = (H, HV, 128, "bfloat16")
         elif args.kernel == "prepare_rs":
-            variants = [(dict(l2norm=l2, HP=chunk.heads_per_prepare(H, HV)), exact) for l2 in (False, True)]
+            variants = [(dict(l2norm=l2, **chunk.prepare_heads(H, HV)), exact) for l2 in (False, True)]
             factory = prepare_rs.prepare_rs_kernel
             pos = (H, HV, 128, "bfloat16")
         elif args.kernel == "compose":

@@ -78,7 +78,10 @@ def breakdown(variants=("fused",)):
     from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc
     from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
     bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")
-    for HV, H in ((32, 16), (8, 2)):
+    heads = ((32, 16), (8, 2))
+    if "--heads" in sys.argv:   # e.g. --heads 48/16,32/8 (v-heads/qk-heads)
+        heads = [tuple(map(int, c.split("/"))) for c in sys.argv[sys.argv.index("--heads") + 1].split(",")]
+    for HV, H in heads:
         T, K = 32768, 128
         dev = "cuda"
         q = torch.nn.functional.normalize(torch.randn(T, H, K, device=dev), dim=-1).bfloat16()

@@ -50,8 +50,14 @@ def test_op_reads_the_switch_before_any_gpu_work(monkeypatch):
 
 def test_rs_forward_set_and_ir():
     rs = hchunk.forward_set(2, 8, 128, 128, variant="rs")
-    assert rs[0] == ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=True, HP=2))
-    assert hchunk.forward_set(32, 32, 128, 128)[0][2]["HP"] == 1      # HV / H = 1: one v-head a program
+    assert rs[0] == ("prepare_rs", (2, 8, 128, "bfloat16"), dict(l2norm=True, HP=4, share_qk=True))
+    assert hchunk.prepare_heads(16, 48) == dict(HP=3, share_qk=True)
+    assert hchunk.prepare_heads(16, 32) == dict(HP=2, share_qk=True)
+    assert hchunk.prepare_heads(4, 40) == dict(HP=2, share_qk=True)          # HV / H = 10
+    # HV = H: two v-heads a program still, each with its own qk-head pass; other odd HV / H: one
+    assert hchunk.forward_set(32, 32, 128, 128)[0][2] == dict(l2norm=True, HP=2, share_qk=False, min_blocks=2)
+    assert hchunk.prepare_heads(3, 15) == dict(HP=1, share_qk=True)
+    assert hchunk.prepare_heads(3, 3) == dict(HP=1, share_qk=True)
     assert [n for n, _, _ in rs[1:]] == ["forward_rs"] * 5 + ["compose"] * 2
     assert [kw["has_initial"] for _, _, kw in rs[6:]] == [False, True]
     for l2norm in (True, False):      # rs is the default
@@ -62,11 +68,16 @@ def test_rs_forward_set_and_ir():
     f = forward_rs_kernel.get_tir(2, 8, 128, 128, "bfloat16", has_initial=True)
     assert [p.name.removesuffix("_handle") for p in f.params] == \
         ["q", "k", "v", "Ag", "P", "F", "segs", "h0", "o", "ht", "states"]
-    f = prepare_rs_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, HP=2)
+    f = prepare_rs_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, HP=4)
     assert [p.name.removesuffix("_handle") for p in f.params] == \
         ["q", "k", "g", "beta", "chunks", "sc", "Ag", "P", "F"]
     with pytest.raises(AssertionError):
-        prepare_rs_kernel.get_tir(3, 9, 128, "bfloat16", HP=2)      # HV / H = 3 is odd
+        prepare_rs_kernel.get_tir(3, 9, 128, "bfloat16", HP=2)      # HV / H = 3 is odd: no shared pair
+    with pytest.raises(AssertionError):
+        prepare_rs_kernel.get_tir(3, 9, 128, "bfloat16", HP=2, share_qk=False)   # HV = 9 is odd
+    for kw in (dict(HP=2, share_qk=False), dict(HP=3)):      # a qk-pass per v-head; 256 threads
+        f = prepare_rs_kernel.get_tir(16, 48, 128, "bfloat16", **kw)
+        assert f.params[-1].name.removesuffix("_handle") == "F"
 
 
 def _rs_emulated(q, k, v, g, beta, h0, scale, l2norm):

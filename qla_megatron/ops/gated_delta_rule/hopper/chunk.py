@@ -192,9 +192,21 @@ def prepare(k, g, beta, chunks, HV, l2norm=False):
     return Gc, Bc, Rk, A
 
 
-def heads_per_prepare(H: int, HV: int) -> int:
-    """v-heads per prepare_rs program: two where the qk-head's group of v-heads splits in pairs."""
-    return 2 if (HV // H) % 2 == 0 else 1
+def prepare_heads(H: int, HV: int) -> dict:
+    """prepare_rs_kernel's head grouping. A program takes HP v-heads of one qk-head, which is loaded and
+    multiplied once for all of them: HP = 4, 3 or 2 where it divides HV / H (4 and 3 on 256 threads).
+    Per v-head the loads dominate: at 1 x 32768 on an H100, 48/16 0.870 -> 0.560 ms (HP 1 -> 3), 64/16
+    0.756 -> 0.642 (HP 2 -> 4), 32/8 0.382 -> 0.329 (benchmarks/results/prepare_rs_heads_h100.md).
+    With one v-head per qk-head (HV = H), two a program still, each in its own qk-head pass, so the
+    substitution keeps all 128 threads busy, at 2 blocks an SM (no register cap, no spills): 0.503 vs
+    0.576 ms at 32/32."""
+    GQ = HV // H
+    for hp in (4, 3, 2):
+        if GQ % hp == 0:
+            return dict(HP=hp, share_qk=True)
+    if GQ == 1 and HV % 2 == 0:
+        return dict(HP=2, share_qk=False, min_blocks=2)
+    return dict(HP=1, share_qk=True)
 
 
 def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
@@ -202,7 +214,7 @@ def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
     Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, HP=heads_per_prepare(H, HV))
+    kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, **prepare_heads(H, HV))
     Ag = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     P = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
     F = _empty(NC, HV, 4, CHUNK, dtype=torch.float32, device=k.device)
@@ -318,7 +330,7 @@ def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_
     compose = [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
     if variant == "rs":
         main = dict(summary=False, BV=bv_rs(V))
-        return [("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, HP=heads_per_prepare(H, HV))),
+        return [("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, **prepare_heads(H, HV))),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
                 ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),

@@ -15,9 +15,12 @@ of L are 0, G stays flat over them, and they leave the state unchanged in the fo
 How, for speed (its first version took 0.62 ms at 32/16 x 32768 on an H100, this one 0.39; the chunk
 factors were 54% of the op before that, with one v-head a program):
 
-- The v-heads of one qk-head share q, k: a program takes HP of them (HP = 2 when HV / H is even), so q
-  and k are loaded, and K K^T, Q K^T formed, once for both; the 128 threads then solve the two
-  triangular systems at once (threads 0-63 the first head's columns, 64-127 the second's).
+- The v-heads of one qk-head share q, k: a program takes HP of them (4, 3 or 2, whichever divides
+  HV / H; chunk.prepare_heads), so q and k are loaded, and K K^T, Q K^T formed, once for all; the
+  threads then solve the HP triangular systems at once (thread t: column t % 64 of head t // 64; 256
+  threads for HP > 2). The loads dominate a program, so this is worth 14-36% (48/16: 0.870 ms at
+  HP = 1, 0.560 at HP = 3). With HV = H a program still takes two v-heads, each in its own qk-head pass
+  (share_qk=False), to keep the substitution's threads busy.
 - 1 / ||k|| and 1 / ||q|| are read off the diagonals of K K^T and Q Q^T (tensor-core products).
 - Gamma . (I + L)^-1 = (I + Gamma . L)^-1 (with D = diag(exp G), Gamma . M = D M D^-1 for lower M), so
   the substitution inverts I + L_g, L_g[i, j] = beta_i Rk_i Rk_j kkt[i, j] Gamma[i, j] (i > j), and
@@ -58,17 +61,22 @@ def prepare_rs_kernel(
     # task config
     H: int, HV: int, K: int, dtype: str, l2norm: bool = True,
     # kernel config
-    HP: int = 2, min_blocks: int = 4,
+    HP: int = 2, share_qk: bool = True, min_blocks: int = 0,
 ):
-    """Grid (NC, HV / HP), 128 threads. q, k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2]
+    """Grid (NC, HV / HP), 128 threads (256 for HP > 2); min_blocks 0: 512 / threads. q, k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2]
     int32 = (first token, valid tokens); sc the scale of q. Writes Ag, P, F (module docstring)."""
     C = CHUNK
     GQ = HV // H
-    assert HP in (1, 2) and GQ % HP == 0, (HV, H, HP)
+    # share_qk: the HP v-heads of a program belong to one qk-head (HP divides HV / H), which is loaded
+    # and multiplied once; otherwise each v-head's qk-head is loaded and multiplied in its own pass.
+    assert HP in (1, 2, 3, 4) and (GQ % HP == 0 if share_qk else HP == 2 and HV % HP == 0), \
+        (HV, H, HP, share_qk)
+    HQ = 1 if share_qk else HP
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
-    threads = 128
-    # HP = 1: threads 64..127 idle in the substitution.
+    threads = 128 if HP <= 2 else 256   # the substitution takes one thread a column of each head
+    min_blocks = min_blocks or 512 // threads
+    # HP = 1 (3): threads 64..127 (192..255) idle in the substitution.
 
     B = 16
 
@@ -104,7 +112,6 @@ def prepare_rs_kernel(
         with T.Kernel(NC, HV // HP, threads=threads, prelude=_PRELUDE) as (ic, hp):
             T.annotate_min_blocks_per_sm(min_blocks)
             hv0 = hp * HP
-            hk = hv0 // GQ
             t0 = chunks[ic, 0]
             n = chunks[ic, 1]
             K_s = T.alloc_shared((C, K), dtype)
@@ -112,8 +119,8 @@ def prepare_rs_kernel(
             g_raw = T.alloc_shared((HP, C), acc)
             g_s = T.alloc_shared((HP, C), acc)        # G = cumsum g over the chunk (natural units)
             b_s = T.alloc_shared((HP, C), acc)
-            r_s = T.alloc_shared((C,), acc)           # 1 / ||k_i||
-            rq_s = T.alloc_shared((C,), acc)          # 1 / ||q_i||
+            r_s = T.alloc_shared((HQ, C), acc)        # 1 / ||k_i||, per qk-head pass
+            rq_s = T.alloc_shared((HQ, C), acc)       # 1 / ||q_i||
             L_s = T.alloc_shared((HP, C, C), acc)     # Gamma . L
             A_s = T.alloc_shared((HP, C, C), dtype)   # Ag, staged
             P_s = T.alloc_shared((HP, C, C), dtype)
@@ -130,26 +137,10 @@ def prepare_rs_kernel(
             run = T.alloc_local((1,), acc)
             bc = T.alloc_local((1,), acc)
 
-            for i, d in T.Parallel(C, K):
-                K_s[i, d] = T.if_then_else(i < n, k[t0 + i, hk, d], T.cast(0, dtype))
-                Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
+            tx = T.get_thread_binding()
             for h, i in T.Parallel(HP, C):
                 g_raw[h, i] = T.if_then_else(i < n, g[t0 + i, hv0 + h], 0.0)
                 b_s[h, i] = T.if_then_else(i < n, beta[t0 + i, hv0 + h], 0.0)
-            T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
-            if l2norm:
-                T.gemm(Q_s, Q_s, qk, transpose_B=True, clear_accum=True)
-                for i, j in T.Parallel(C, C):
-                    if i == j:
-                        r_s[i] = T.rsqrt(kkt[i, j] + 1e-6)
-                        rq_s[i] = T.rsqrt(qk[i, j] + 1e-6)
-            else:
-                for i in T.Parallel(C):
-                    r_s[i] = 1.0
-                    rq_s[i] = 1.0
-            T.gemm(Q_s, K_s, qk, transpose_B=True, clear_accum=True)
-
-            tx = T.get_thread_binding()
             # Inclusive prefix sums, one (head, token) a thread: the same additions in the same order
             # as a sequential cumsum (masked terms add +0, exactly).
             if tx < HP * C:
@@ -159,26 +150,48 @@ def prepare_rs_kernel(
                     run[0] = run[0] + T.if_then_else(j <= tx % C, gj, 0.0)
                 g_s[tx // C, tx % C] = run[0]
 
-            for i in T.Parallel(C):
-                f_rq[i] = sc * rq_s[i]
-            for j in T.Parallel(C):
-                f_cr[j] = r_s[j]
-            # Gamma[i, j] = 2^(G_i log2e - G_j log2e), <= 1 for i >= j; above the diagonal it may be
-            # inf, and the select drops it. One head at a time: 16 column factors live, not 32.
-            for h in T.unroll(HP):
+            # One pass per distinct qk-head (HQ = 1 shared, else one per v-head): h = qh + hi runs over
+            # the v-heads it serves.
+            for qh in T.unroll(HQ):
+                hk = (hv0 + qh) // GQ
+                T.sync_threads()   # the previous pass's products have read K_s, Q_s
+                for i, d in T.Parallel(C, K):
+                    K_s[i, d] = T.if_then_else(i < n, k[t0 + i, hk, d], T.cast(0, dtype))
+                    Q_s[i, d] = T.if_then_else(i < n, q[t0 + i, hk, d], T.cast(0, dtype))
+                T.gemm(K_s, K_s, kkt, transpose_B=True, clear_accum=True)
+                if l2norm:
+                    T.gemm(Q_s, Q_s, qk, transpose_B=True, clear_accum=True)
+                    for i, j in T.Parallel(C, C):
+                        if i == j:
+                            r_s[qh, i] = T.rsqrt(kkt[i, j] + 1e-6)
+                            rq_s[qh, i] = T.rsqrt(qk[i, j] + 1e-6)
+                else:
+                    for i in T.Parallel(C):
+                        r_s[qh, i] = 1.0
+                        rq_s[qh, i] = 1.0
+                T.gemm(Q_s, K_s, qk, transpose_B=True, clear_accum=True)
+
                 for i in T.Parallel(C):
-                    f_rl[i] = b_s[h, i] * r_s[i]
-                    f_rg[i] = g_s[h, i] * LOG2E
+                    f_rq[i] = sc * rq_s[qh, i]
                 for j in T.Parallel(C):
-                    f_cg[j] = g_s[h, j] * LOG2E
-                for i, j in T.Parallel(C, C):
-                    w = f_cr[j] * _ex2(f_rg[i] - f_cg[j])
-                    L_s[h, i, j] = T.if_then_else(i > j, (f_rl[i] * kkt[i, j]) * w, 0.0)
-                    P_s[h, i, j] = T.cast(T.if_then_else(i >= j, (f_rq[i] * qk[i, j]) * w, 0.0), dtype)
+                    f_cr[j] = r_s[qh, j]
+                # Gamma[i, j] = 2^(G_i log2e - G_j log2e), <= 1 for i >= j; above the diagonal it may
+                # be inf, and the select drops it. One head at a time: 16 column factors live, not 32.
+                for hi in T.unroll(HP // HQ):
+                    h = qh + hi
+                    for i in T.Parallel(C):
+                        f_rl[i] = b_s[h, i] * r_s[qh, i]
+                        f_rg[i] = g_s[h, i] * LOG2E
+                    for j in T.Parallel(C):
+                        f_cg[j] = g_s[h, j] * LOG2E
+                    for i, j in T.Parallel(C, C):
+                        w = f_cr[j] * _ex2(f_rg[i] - f_cg[j])
+                        L_s[h, i, j] = T.if_then_else(i > j, (f_rl[i] * kkt[i, j]) * w, 0.0)
+                        P_s[h, i, j] = T.cast(T.if_then_else(i >= j, (f_rq[i] * qk[i, j]) * w, 0.0), dtype)
             for h, i in T.Parallel(HP, C):
-                F[ic, hv0 + h, 0, i] = _ex2(g_s[h, i] * LOG2E) * r_s[i]
-                F[ic, hv0 + h, 1, i] = _ex2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[i]
-                F[ic, hv0 + h, 2, i] = sc * _ex2(g_s[h, i] * LOG2E) * rq_s[i]
+                F[ic, hv0 + h, 0, i] = _ex2(g_s[h, i] * LOG2E) * r_s[h * (HQ // HP), i]
+                F[ic, hv0 + h, 1, i] = _ex2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[h * (HQ // HP), i]
+                F[ic, hv0 + h, 2, i] = sc * _ex2(g_s[h, i] * LOG2E) * rq_s[h * (HQ // HP), i]
                 F[ic, hv0 + h, 3, i] = _ex2(g_s[h, C - 1] * LOG2E)
             for h in T.unroll(HP):
                 T.tma_copy(P_s[h, :, :], P[ic, hv0 + h, :, :])
