@@ -63,15 +63,17 @@ def prepare_rs_kernel(
     # kernel config
     HP: int = 2, share_qk: bool = True, min_blocks: int = 0,
 ):
-    """Grid (NC, HV / HP), 128 threads (256 for HP > 2); min_blocks 0: 512 / threads. q, k [Tt, H, K] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2]
-    int32 = (first token, valid tokens); sc the scale of q. Writes Ag, P, F (module docstring)."""
+    """Grid (NC, HV / HP), 128 threads (256 for HP > 2); min_blocks 0: 512 / threads. q, k [Tt, H, K]
+    dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first token, valid tokens); sc the scale of
+    q. Writes Ag, P, F (module docstring)."""
     C = CHUNK
     GQ = HV // H
     # share_qk: the HP v-heads of a program belong to one qk-head (HP divides HV / H), which is loaded
     # and multiplied once; otherwise each v-head's qk-head is loaded and multiplied in its own pass.
     assert HP in (1, 2, 3, 4) and (GQ % HP == 0 if share_qk else HP == 2 and HV % HP == 0), \
         (HV, H, HP, share_qk)
-    HQ = 1 if share_qk else HP
+    HQ = 1 if share_qk else HP    # qk-head passes a program
+    VPQ = HP // HQ                 # v-heads a pass serves: v-head h is pass h // VPQ's
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
     threads = 128 if HP <= 2 else 256   # the substitution takes one thread a column of each head
@@ -150,8 +152,8 @@ def prepare_rs_kernel(
                     run[0] = run[0] + T.if_then_else(j <= tx % C, gj, 0.0)
                 g_s[tx // C, tx % C] = run[0]
 
-            # One pass per distinct qk-head (HQ = 1 shared, else one per v-head): h = qh + hi runs over
-            # the v-heads it serves.
+            # One pass per distinct qk-head (HQ = 1 shared, else one per v-head), serving v-heads
+            # h = qh VPQ + hi.
             for qh in T.unroll(HQ):
                 hk = (hv0 + qh) // GQ
                 T.sync_threads()   # the previous pass's products have read K_s, Q_s
@@ -177,8 +179,8 @@ def prepare_rs_kernel(
                     f_cr[j] = r_s[qh, j]
                 # Gamma[i, j] = 2^(G_i log2e - G_j log2e), <= 1 for i >= j; above the diagonal it may
                 # be inf, and the select drops it. One head at a time: 16 column factors live, not 32.
-                for hi in T.unroll(HP // HQ):
-                    h = qh + hi
+                for hi in T.unroll(VPQ):
+                    h = qh * VPQ + hi
                     for i in T.Parallel(C):
                         f_rl[i] = b_s[h, i] * r_s[qh, i]
                         f_rg[i] = g_s[h, i] * LOG2E
@@ -189,9 +191,9 @@ def prepare_rs_kernel(
                         L_s[h, i, j] = T.if_then_else(i > j, (f_rl[i] * kkt[i, j]) * w, 0.0)
                         P_s[h, i, j] = T.cast(T.if_then_else(i >= j, (f_rq[i] * qk[i, j]) * w, 0.0), dtype)
             for h, i in T.Parallel(HP, C):
-                F[ic, hv0 + h, 0, i] = _ex2(g_s[h, i] * LOG2E) * r_s[h * (HQ // HP), i]
-                F[ic, hv0 + h, 1, i] = _ex2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[h * (HQ // HP), i]
-                F[ic, hv0 + h, 2, i] = sc * _ex2(g_s[h, i] * LOG2E) * rq_s[h * (HQ // HP), i]
+                F[ic, hv0 + h, 0, i] = _ex2(g_s[h, i] * LOG2E) * r_s[h // VPQ, i]
+                F[ic, hv0 + h, 1, i] = _ex2((g_s[h, C - 1] - g_s[h, i]) * LOG2E) * r_s[h // VPQ, i]
+                F[ic, hv0 + h, 2, i] = sc * _ex2(g_s[h, i] * LOG2E) * rq_s[h // VPQ, i]
                 F[ic, hv0 + h, 3, i] = _ex2(g_s[h, C - 1] * LOG2E)
             for h in T.unroll(HP):
                 T.tma_copy(P_s[h, :, :], P[ic, hv0 + h, :, :])
