@@ -1,0 +1,35 @@
+"""Parameter counts against a built model, and the memory lower bound."""
+
+from __future__ import annotations
+
+import pytest
+
+from qla_megatron.training.sizes import GIB, memory_lower_bound, parameter_counts
+
+from .conftest import build_tiny_model, recipe_args
+
+
+@pytest.mark.parametrize("extra", [pytest.param((), id="untied-gate-qknorm"),
+                                   pytest.param(("--kv-channels", "16", "--num-query-groups", "4"), id="d16-MHA"),
+                                   pytest.param(("--linear-attention-freq", "2", "--num-layers", "6"), id="freq2-L6")])
+def test_parameter_count_matches_model(extra):
+    args = recipe_args(*extra)
+    model = build_tiny_model(args)
+    assert sum(parameter_counts(args).values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_tied_embeddings():
+    args = recipe_args()
+    args.untie_embeddings_and_output_weights = False
+    model = build_tiny_model(args)
+    assert parameter_counts(args)["output_layer"] == 0
+    assert sum(parameter_counts(args).values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_memory_lower_bound_parts():
+    args = recipe_args()
+    b = memory_lower_bound(args)
+    params = sum(parameter_counts(args).values())
+    assert b.weights == 4 * params and b.grads == 4 * params and b.optimizer == 8 * params  # fp32 Adam
+    assert b.logits == 4 * args.micro_batch_size * args.seq_length * args.padded_vocab_size
+    assert b.total_gib == pytest.approx((16 * params + b.logits) / GIB)
