@@ -13,7 +13,9 @@ has finished writing, so a run killed during a save resumes from the last comple
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import time
 from datetime import timedelta
 from functools import partial
@@ -39,7 +41,12 @@ def _setup(args):
 
     # initialize_megatron skips the model-parallel groups and CUDA seeds without a GPU: same steps here.
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", rank=args.rank, world_size=args.world_size,
+        init = None
+        if "MASTER_ADDR" not in os.environ and args.world_size == 1:  # plain `python`, no torchrun
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        torch.distributed.init_process_group("gloo", init_method=init, rank=args.rank, world_size=args.world_size,
                                              timeout=timedelta(minutes=args.distributed_timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
