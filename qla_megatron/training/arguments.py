@@ -128,13 +128,18 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
                              f"(= {'2 x ' if unit == 2 * cp else ''}--context-parallel-size {cp}, "
                              f"{args.cp_layout} layout)")
     if cp > 1:
+        if not _have_te():
+            raise ValueError(f"--context-parallel-size {cp} needs Transformer Engine's attention for the "
+                             f"attention layers (megatron-core's local attention and our SDPA one have no "
+                             f"context parallelism), and transformer_engine does not import here")
         from .model import uses_sdpa
 
-        if uses_sdpa(args) or not (args.spec_backend == "transformer_engine" or _have_te()):
-            raise ValueError(f"--context-parallel-size {cp} needs Transformer Engine's attention for the "
-                             f"attention layers (Megatron's local and our SDPA attention have no context "
-                             f"parallelism): install transformer_engine and pass --spec-backend "
-                             f"transformer_engine --core-attention megatron")
+        if uses_sdpa(args):
+            raise ValueError(f"--context-parallel-size {cp}: --core-attention sdpa has no context "
+                             f"parallelism; use --spec-backend transformer_engine --core-attention megatron")
+    if args.spec_backend == "transformer_engine" and not _have_te():
+        raise ValueError("--spec-backend transformer_engine: transformer_engine does not import here "
+                         "(use --spec-backend local or auto)")
     if args.sequence_parallel and tp > 1 and (args.seq_length // cp) % tp != 0:
         raise ValueError(f"--sequence-parallel splits each rank's {args.seq_length // cp} tokens over "
                          f"--tensor-model-parallel-size ({tp}): --seq-length / CP must be divisible by TP")

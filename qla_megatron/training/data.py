@@ -59,7 +59,7 @@ def write_indexed_dataset(documents: Iterable[str], prefix: str) -> dict:
     n_docs = n_tokens = 0
     for text in documents:
         tokens = np.concatenate([encode_bytes(text), np.array([BYTE_EOD], dtype=np.uint16)])
-        builder.add_document(torch.from_numpy(tokens.astype(np.int64)), [len(tokens)])
+        builder.add_document(tokens, [len(tokens)])
         n_docs, n_tokens = n_docs + 1, n_tokens + len(tokens)
     if n_docs == 0:
         raise ValueError("no documents to write")
