@@ -77,6 +77,9 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default 989: H100/H200 SXM dense bf16)")
     g.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="memory per GPU for the fit check (default: the device's; on CPU no check)")
+    g.add_argument("--time-breakdown", action="store_true",
+                   help="log where each iteration's time goes: GDN op, rest of the GDN layers, attention, "
+                        "MLP, optimizer, other (qla_megatron/training/breakdown.py; slightly slower)")
     g.add_argument("--cpu-loop", action="store_true",
                    help="use the recipe's own loop (the CPU default) instead of megatron.training's "
                         "pretrain; implied on a machine without CUDA")

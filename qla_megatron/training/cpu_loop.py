@@ -58,6 +58,10 @@ def _setup(args):
     pg = ProcessGroupCollection.use_mpu_process_groups()
     config = core_transformer_config_from_args(args)
     model = build_model(args, config, pg_collection=pg)
+    if args.time_breakdown:
+        from .breakdown import RegionTimer, attach
+
+        attach(model, RegionTimer("cpu"))
     for p in model.parameters():
         set_defaults_if_not_set_tensor_model_parallel_attributes(p)
     model = DistributedDataParallel(config, get_megatron_ddp_config(args), model)
@@ -117,7 +121,9 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
                        model=[model], num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
                        micro_batch_size=args.micro_batch_size, decoder_seq_length=args.seq_length,
                        forward_only=False)
+        t_opt = time.perf_counter()
         ok, grad_norm, _ = optimizer.step()
+        t_opt = time.perf_counter() - t_opt
         if ok:
             scheduler.step(increment=args.global_batch_size)
         iteration += 1
@@ -129,6 +135,12 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
         dt = time.perf_counter() - t0
         if rank0 and (iteration % args.log_interval == 0 or iteration == args.train_iters):
             print_fn(log.line(iteration, loss, dt, scheduler.get_lr(optimizer.param_groups[0])), flush=True)
+        if args.time_breakdown:
+            from . import breakdown
+
+            parts = breakdown.TIMER.collect()
+            if rank0 and (iteration % args.log_interval == 0 or iteration == args.train_iters):
+                print_fn(breakdown.format_breakdown(parts, t_opt, dt), flush=True)
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         if args.save and (exiting or iteration == args.train_iters
                           or (args.save_interval and iteration % args.save_interval == 0)):

@@ -43,6 +43,8 @@ def parse_recipe_args(argv: Sequence[str], gpu_memory_gib: Optional[float] = Non
     finally:
         sys.argv = old_argv
     check_recipe_args(args, gpu_memory_gib)
+    if args.time_breakdown:  # the optimizer's time comes from Megatron's level-1 timers
+        args.timing_log_level = max(args.timing_log_level, 1)
     _quiet_megatron(os.path.join(args.save, "arguments.txt") if args.save else None)
     validate_args(args, {})
     if set_globals:

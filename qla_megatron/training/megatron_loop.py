@@ -21,8 +21,10 @@ def _wrap_training_log(print_fn):
     state = {"log": None, "t": None, "iteration": None}
 
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kw):
-        out = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kw)
         args = mt.get_args()
+        # Megatron's own log resets its timers: read the optimizer's accumulated time first.
+        optimizer_s = mt.get_timers()("optimizer", log_level=1).elapsed(reset=False) if args.time_breakdown else 0.0
+        out = original(loss_dict, total_loss_dict, learning_rate, iteration, *rest, **kw)
         now = time.perf_counter()
         if state["log"] is None:
             state["log"] = IterationLog(args, torch.distributed.get_world_size(), "cuda",
@@ -34,6 +36,13 @@ def _wrap_training_log(print_fn):
             loss = loss_dict.get("lm loss")
             if torch.distributed.get_rank() == 0 and loss is not None:
                 print_fn(state["log"].line(iteration, float(loss), dt, learning_rate or 0.0), flush=True)
+            if args.time_breakdown:
+                from . import breakdown
+
+                n = max(iteration - state["iteration"], 1)
+                parts = {k: v / n for k, v in breakdown.TIMER.collect().items()}
+                if torch.distributed.get_rank() == 0:
+                    print_fn(breakdown.format_breakdown(parts, optimizer_s / n, dt), flush=True)
         if state["t"] is None or iteration % args.log_interval == 0:
             state["t"], state["iteration"] = now, iteration
         return out

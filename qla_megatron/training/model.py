@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from qla_megatron.layers import GatedDeltaNet, get_hybrid_block_spec
@@ -84,4 +86,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
-    return build_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+    model = build_model(args, config, pre_process, post_process, vp_stage, pg_collection)
+    if args.time_breakdown:
+        from .breakdown import RegionTimer, attach
+
+        attach(model, RegionTimer("cuda" if torch.cuda.is_available() else "cpu"))
+    return model
