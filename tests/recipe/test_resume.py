@@ -61,7 +61,16 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path, corpus):
 
 def test_killed_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     flags = ["--mock-data", "--save-interval", "2"]
-    full = losses(run_recipe(*flags, "--save", str(tmp_path / "full")))
+    # The uninterrupted run also logs the time breakdown (it changes no loss: test_breakdown.py)
+    # and its log goes through the measurement's summary (examples/launch/summarize_logs.py).
+    full_log = run_recipe(*flags, "--save", str(tmp_path / "full"), "--time-breakdown")
+    full = losses(full_log)
+    (tmp_path / "full.log").write_text(full_log)
+    summary = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "launch", "summarize_logs.py"),
+                              "--skip", "2", f"tiny={tmp_path / 'full.log'}"], capture_output=True, text=True,
+                             check=True).stdout
+    row = summary.splitlines()[-1]
+    assert row.startswith("| tiny | 4 |") and "GDN op" in row and "optimizer" in row, summary
     ckpt = tmp_path / "run"
     killed = _launch(os.path.join(ROOT, "tests", "recipe", "kill_during_save.py"), "4", *SMALL, *flags,
                      "--save", str(ckpt))
