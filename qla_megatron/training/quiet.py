@@ -11,7 +11,8 @@ KNOWN_WARNINGS = (  # megatron-core's import-time notes about optional packages 
     r"Apex is not installed", r"Transformer Engine and Apex are not installed",
     r"Only transformer-engine>=1.7.0 supports MoE", r"absl.logging is not installed",
     r"Could not determine rank from torch.distributed", r"MimoModelConfig is experimental",
-    r"'pin_memory' argument is set as true but no accelerator")
+    r"'pin_memory' argument is set as true but no accelerator",
+    r"It is recommended to use a ModelConfig")  # pretrain's note: we give it a model provider on purpose
 QUIET_LOGGERS = {  # logger -> level: INFO chatter, and warnings that hold for every run of the recipe
     "megatron": logging.WARNING,
     "megatron.core.rerun_state_machine": logging.ERROR,           # "Implicit initialization ..."
