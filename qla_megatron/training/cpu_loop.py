@@ -93,6 +93,7 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+    from megatron.training.dist_signal_handler import DistributedSignalHandler
 
     from .progress import IterationLog
 
@@ -113,6 +114,9 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
         print_fn(log.header())
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
     losses = []
+    # --exit-signal-handler (Megatron's flag): on --exit-signal (SIGTERM) every rank finishes the
+    # iteration, the checkpoint is saved, and the run exits.
+    signals = DistributedSignalHandler(args.exit_signal).__enter__() if args.exit_signal_handler else None
     while iteration < args.train_iters:
         t0 = time.perf_counter()
         model.zero_grad_buffer()
@@ -141,7 +145,8 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
             parts = breakdown.TIMER.collect()
             if rank0 and (iteration % args.log_interval == 0 or iteration == args.train_iters):
                 print_fn(breakdown.format_breakdown(parts, t_opt, dt), flush=True)
-        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        signalled = signals is not None and any(signals.signals_received())
+        exiting = signalled or (bool(args.exit_interval) and iteration % args.exit_interval == 0)
         if args.save and (exiting or iteration == args.train_iters
                           or (args.save_interval and iteration % args.save_interval == 0)):
             t_save = time.perf_counter()
@@ -151,8 +156,11 @@ def train_on_cpu(args, forward_step, datasets_provider, print_fn=print) -> list[
                          flush=True)
         if exiting:
             if rank0:
-                print_fn(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+                why = f"signal {args.exit_signal.name}" if signalled else f"--exit-interval {args.exit_interval}"
+                print_fn(f"exiting at iteration {iteration} ({why})")
             break
+    if signals is not None:
+        signals.release()
     if rank0 and losses:
         k = min(5, len(losses))
         print_fn(f"done: iterations {iteration - len(losses) + 1}-{iteration} in {time.perf_counter() - log.t_start:.0f} s; "

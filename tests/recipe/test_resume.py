@@ -81,3 +81,27 @@ def test_killed_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     assert "at iteration 2" in resumed
     assert losses(killed.stdout) == {i: full[i] for i in (1, 2, 3, 4)}
     assert losses(resumed) == {i: full[i] for i in (3, 4, 5, 6)}
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    """--exit-signal-handler: SIGTERM mid-run finishes the iteration, saves it, exits cleanly."""
+    import signal
+    import time
+
+    ckpt, log = tmp_path / "run", tmp_path / "log.txt"
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "pretrain_gdn.py"), *SMALL, "--train-iters", "200",
+           "--mock-data", "--save", str(ckpt), "--save-interval", "1000", "--exit-signal-handler"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "iter 3/200" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    stopped = re.search(r"exiting at iteration (\d+) \(signal SIGTERM\)", text)
+    assert stopped, text[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == stopped.group(1)
+    assert max(losses(text)) == int(stopped.group(1)) < 200
