@@ -1,16 +1,20 @@
-"""Forward time of the gated delta rule: ours (TileLang, Hopper) vs FLA 0.6 (Triton path) vs FlashQLA 0.1.3.
+"""Forward, backward and forward+backward time and peak memory of the gated delta rule: ours (TileLang,
+Hopper) vs FLA 0.6 (its Triton path) vs FlashQLA 0.1.3.
 
 Same run, same inputs (bf16 q, k, v, beta; fp32 g = -exp(A_log) softplus(x + dt_bias), A in [1, 16];
-l2norm in kernel; no initial state; final state returned), median of triton.testing.do_bench. The floor
-beside each row is max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), bytes =
-q, k, v, o, g, beta moved once; FLOPs = the chunked algorithm's matrix products (C = 64).
+l2norm in kernel; no initial state; final state returned), median of triton.testing.do_bench:
+fwd without autograd; fwd+bwd = the forward with inputs requiring grad and torch.autograd.grad of
+(o, final state) for fixed random cotangents; bwd = fwd+bwd - fwd. Peak = the most memory one
+fwd+bwd allocates beyond its inputs. The floors beside each row are max(bytes / measured copy
+bandwidth, FLOPs / measured bf16 matmul rate): forward bytes = q, k, v, o, g, beta moved once, FLOPs =
+the chunked algorithm's matrix products (C = 64); forward+backward adds the gradients' bytes (read do,
+write dq, dk, dv, dg, dbeta) and twice the forward's FLOPs.
 
-    source .gpu/env.sh && python benchmarks/bench_ops.py --out benchmarks/results/ops_forward_h100
+    source .gpu/env.sh && python benchmarks/bench_ops.py --out benchmarks/results/ops_h200
 
 Options: --configs 8/2,16/4 (v-heads/qk-heads), --lengths 1x8192,varlen, --peers fla,flashqla,
---flashqla-configs 32/16,8/2 (FlashQLA compiles for minutes per new shape; others are marked not run),
---forward rs,fused,...: our forward kernel variants (hopper/chunk.py; OURS below), each timed in the same
-run as "ours-<variant>" (err = rel. L2 of its o vs the first variant's; the first variant's row vs FLA's).
+--flashqla-configs 32/16,8/2 and --flashqla-lengths 1x32768 (FlashQLA compiles for minutes per new
+shape; the others are marked not run), --modes fwd,fwdbwd. err = rel. L2 of ours vs FLA (o, and the largest over dq, dk, dv, dg, dbeta).
 """
 
 import argparse
@@ -64,30 +68,20 @@ def make(B, T, H, HV, cu=None):
     return q, k, v, g, beta
 
 
-def floor_ms(tokens, H, HV, bw, rate):
+def floor_ms(tokens, H, HV, bw, rate, backward=False):
+    """(floor, bytes part, FLOPs part) in ms, forward or forward+backward."""
     bytes_ = tokens * (2 * H * K * 2 + 2 * HV * V * 2 + HV * (4 + 2))
     flops = (tokens / C) * HV * (2 * C * C * (3 * K + V) + 3 * 2 * C * K * V + 2 * C * C * V)
+    if backward:
+        bytes_ += tokens * (2 * H * K * 2 + 2 * HV * V * 2 + HV * (4 + 2))
+        flops *= 3
     return max(bytes_ / bw, flops / rate) * 1e3, bytes_ / bw * 1e3, flops / rate * 1e3
 
 
-FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-# Our runners: forward variant -> runner name. "rs-exact" / "rs-gate" are the rs kernel with
-# QLA_MEGATRON_INTRA_CP_MODE=exact / gate; the others leave the mode at its default.
-OURS = {v: f"ours-{v}" for v in ("fused", "rs", "rs-exact", "rs-gate")}
-
-
-def set_variant_env(variant):
-    """The environment the op reads on every call, for one of OURS."""
-    base, *opts = variant.split("-")
-    os.environ[FORWARD_ENV] = base
-    os.environ["QLA_MEGATRON_INTRA_CP_MODE"] = opts[0] if opts else ""
-
-
-def runners(peers, variants=("fused",)):
-    ours = lambda q, k, v, g, b, cu: chunk_gated_delta_rule(
-        q, k, v, g, b, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
-        backend="tilelang")
-    out = {OURS[v]: ours for v in variants}     # the variant is set in the environment per runner
+def runners(peers):
+    """name -> fn(q, k, v, g, beta, cu) -> (o, final state); and the peers' versions."""
+    out = {"ours": lambda q, k, v, g, b, cu: chunk_gated_delta_rule(
+        q, k, v, g, b, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="tilelang")}
     versions = {}
     if "fla" in peers:
         try:
@@ -110,24 +104,56 @@ def runners(peers, variants=("fused",)):
     return out, versions
 
 
+def measure(fn, inputs, cu, do, dht, modes):
+    """Times (fwd, fwdbwd, bwd) in ms, peak MiB, and the outputs / gradients of one call."""
+    res = {}
+    with torch.no_grad():
+        o, s = fn(*inputs, cu)
+        res["out"] = o.float()
+        if "fwd" in modes:
+            res["fwd"] = bench(lambda: fn(*inputs, cu))
+    if "fwdbwd" in modes:
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+
+        def step():
+            o, s = fn(*leaves, cu)
+            return torch.autograd.grad((o, s), leaves, (do, dht))
+
+        res["grads"] = [gr.float() for gr in step()]
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        res["peak"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        res["fwdbwd"] = bench(step)
+        if "fwd" in res:
+            res["bwd"] = res["fwdbwd"] - res["fwd"]
+    return res
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("--lengths", default=LENGTHS)
     ap.add_argument("--peers", default="fla,flashqla")
     ap.add_argument("--flashqla-configs", default="32/16,8/2")
+    ap.add_argument("--flashqla-lengths", default=None, help="the lengths FlashQLA runs at (default: all)")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--out", default=None, help="path prefix for the .md table and .png plot")
-    ap.add_argument("--forward", default="rs", help=f"our forward variants to time, e.g. fused,rs; from {sorted(OURS)}")
     args = ap.parse_args()
-    variants = args.forward.split(",")
-    for v in variants:
-        if v not in OURS:
-            raise ValueError(f"--forward {v!r}: choose from {sorted(OURS)}")
+    modes = set(args.modes.split(","))
+    if not modes <= {"fwd", "fwdbwd"}:
+        raise ValueError(f"--modes {args.modes!r}: choose from fwd, fwdbwd")
     torch.backends.cuda.matmul.allow_tf32 = False
     bw, rate = ceilings()
-    fns, versions = runners(args.peers.split(",") if args.peers != "none" else [], variants)
-    variant_of = {name: v for v, name in OURS.items()}
+    fns, versions = runners(args.peers.split(",") if args.peers != "none" else [])
     fq_ok = set(args.flashqla_configs.split(",")) if args.flashqla_configs else set()
+    fq_len = set(args.flashqla_lengths.split(",")) if args.flashqla_lengths else None
     card = torch.cuda.get_device_name()
     print(f"card {card}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; {versions}", flush=True)
     rows = []
@@ -140,36 +166,39 @@ def main():
                 cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
             else:
                 B, T = map(int, shape.split("x"))
-            q, k, v, g, beta = make(B, T, H, HV)
-            times, errs = {}, {}
-            ref = None
+            inputs = make(B, T, H, HV)
+            N = B if cu is None else cu.numel() - 1
+            do = torch.randn(B, T, HV, V, device="cuda", dtype=torch.bfloat16)
+            dht = torch.randn(N, HV, K, V, device="cuda")
+            row = dict(cfg=cfg, shape=shape)
+            row["floor"], row["floor_bytes"], row["floor_flops"] = floor_ms(B * T, H, HV, bw, rate)
+            row["floor_fb"] = floor_ms(B * T, H, HV, bw, rate, backward=True)[0]
+            got = {}
             for name, fn in fns.items():
-                if name == "flashqla" and cfg not in fq_ok:
+                if name == "flashqla" and (cfg not in fq_ok or (fq_len is not None and shape not in fq_len)):
                     continue
-                if name in variant_of:     # read by the op on every call
-                    set_variant_env(variant_of[name])
                 try:
                     t0 = time.time()
-                    o, s = fn(q, k, v, g, beta, cu)
-                    torch.cuda.synchronize()
-                    first = time.time() - t0
-                    if ref is None:
-                        ref = (o.float(), s.float())
-                    else:
-                        errs[name] = ((o.float() - ref[0]).norm() / ref[0].norm()).item()
-                    times[name] = bench(lambda: fn(q, k, v, g, beta, cu))
-                    if first > 5:
-                        print(f"  {name} first call {first:.0f} s (compile)", flush=True)
+                    got[name] = measure(fn, inputs, cu, do, dht, modes)
+                    if time.time() - t0 > 20:
+                        print(f"  {name} took {time.time() - t0:.0f} s (compile)", flush=True)
+                    for m in ("fwd", "bwd", "fwdbwd", "peak"):
+                        if m in got[name]:
+                            row[f"{name}_{m}"] = got[name][m]
                 except Exception as e:
                     print(f"  {name} failed on {cfg} {shape}: {type(e).__name__}: {e}", flush=True)
-            fl, fb, ff = floor_ms(B * T, H, HV, bw, rate)
-            row = dict(cfg=cfg, shape=shape, floor=fl, floor_bytes=fb, floor_flops=ff, **times,
-                       **{f"err_{n}": e for n, e in errs.items()})
+            if "ours" in got and "fla" in got:
+                row["err_o"] = rel(got["ours"]["out"], got["fla"]["out"])
+                if "grads" in got["ours"] and "grads" in got["fla"]:
+                    row["err_grad"] = max(rel(a, b) for a, b in zip(got["ours"]["grads"], got["fla"]["grads"]))
             rows.append(row)
-            fmt = lambda n: f"{times[n]:.3f}" if n in times else "-"
-            print(f"{cfg:>6} {shape:>9}  " + "  ".join(f"{n} {fmt(n)}" for n in fns)
-                  + f"  floor {fl:.3f}  errs {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}", flush=True)
-            del q, k, v, g, beta
+            print(f"{cfg:>6} {shape:>9}  " + "  ".join(
+                f"{n} " + "/".join(f"{row[f'{n}_{m}']:.3f}" if f"{n}_{m}" in row else "-"
+                                   for m in ("fwd", "bwd", "fwdbwd")) + (f" {row[f'{n}_peak']:.0f}MiB"
+                                                                         if f"{n}_peak" in row else "")
+                for n in fns) + f"  floor {row['floor']:.3f}/{row['floor_fb']:.3f}  err o "
+                  f"{row.get('err_o', float('nan')):.1e} grads {row.get('err_grad', float('nan')):.1e}", flush=True)
+            del inputs, do, dht, got
             if args.out:   # after every row, so a cut-off run still leaves its table
                 write(args.out, rows, card, versions, bw, rate)
 
@@ -177,47 +206,50 @@ def main():
 def write(prefix, rows, card, versions, bw, rate):
     import tilelang
     cmd = "source .gpu/env.sh && python " + " ".join(sys.argv)
-    lines = ["# Forward time, ms (median, triton do_bench)", "",
-             f"Card: {card}. torch {torch.__version__}, tilelang {tilelang.__version__}, "
+    f = lambda r, n: f"{r[n]:.3f}" if n in r else "-"
+    ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
+    lines = ["# Gated delta rule op: forward, backward, forward+backward (ms, median, triton do_bench), peak MiB",
+             "", f"Card: {card}. torch {torch.__version__}, tilelang {tilelang.__version__}, "
              + ", ".join(f"{k} {v}" for k, v in versions.items())
              + f". Measured ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s.", "",
              f"Command: `{cmd}`", "",
              "bf16, K = V = 128, l2norm in kernel, final state out, fp32 gates with strong decay. "
              "varlen = " + f"{len(VARLEN)} sequences, {sum(VARLEN)} tokens (8192 ... 37). "
-             "err = rel. L2 of o vs ours. '-' = not run.", "",
-             "| v/qk heads | tokens | FLA | FlashQLA | floor (bytes, flops) |", "|---|---|---|---|---|"]
-    ours = [n for n in OURS.values() if any(n in r for r in rows)]
-    for n in ours:
-        lines[-2] += f" {n} | {n}/floor | FLA/{n} | FlashQLA/{n} | err {n} |"
-        lines[-1] += "---|---|---|---|---|"
-    f = lambda r, n: f"{r[n]:.3f}" if n in r else "-"
-    ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
+             "bwd = fwd+bwd - fwd; peak = memory one fwd+bwd allocates beyond its inputs. "
+             "err = rel. L2 of ours vs FLA (o; the largest over the input gradients). '-' = not run.", "",
+             "| v/qk heads | tokens | ours fwd / bwd / fwd+bwd | FLA fwd / bwd / fwd+bwd | FlashQLA fwd / bwd / fwd+bwd "
+             "| floor fwd / fwd+bwd | FLA / ours fwd, fwd+bwd | FlashQLA / ours fwd, fwd+bwd | ours / floor fwd+bwd "
+             "| peak MiB ours / FLA / FlashQLA | err o, grads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        line = (f"| {r['cfg']} | {r['shape']} | {f(r, 'fla')} | {f(r, 'flashqla')} | "
-                f"{r['floor']:.3f} ({r['floor_bytes']:.3f}, {r['floor_flops']:.3f}) |")
-        for n in ours:
-            err = f"{r['err_' + n]:.1e}" if "err_" + n in r else "-"
-            line += (f" {f(r, n)} | {ratio(r, n, 'floor')} | {ratio(r, 'fla', n)} | {ratio(r, 'flashqla', n)} |"
-                     f" {err} |")
-        lines.append(line)
+        t = lambda n: " / ".join(f(r, f"{n}_{m}") for m in ("fwd", "bwd", "fwdbwd"))
+        err = " ".join(f"{r[e]:.1e}" if e in r else "-" for e in ("err_o", "err_grad"))
+        lines.append(f"| {r['cfg']} | {r['shape']} | {t('ours')} | {t('fla')} | {t('flashqla')} | "
+                     f"{r['floor']:.3f} / {r['floor_fb']:.3f} | {ratio(r, 'fla_fwd', 'ours_fwd')}, "
+                     f"{ratio(r, 'fla_fwdbwd', 'ours_fwdbwd')} | {ratio(r, 'flashqla_fwd', 'ours_fwd')}, "
+                     f"{ratio(r, 'flashqla_fwdbwd', 'ours_fwdbwd')} | {ratio(r, 'ours_fwdbwd', 'floor_fb')} | "
+                     + " / ".join(f"{r[n + '_peak']:.0f}" if n + "_peak" in r else "-" for n in ("ours", "fla", "flashqla"))
+                     + f" | {err} |")
     open(prefix + ".md", "w").write("\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         labels = [f"{r['cfg']}\n{r['shape']}" for r in rows]
-        fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.45), 5))
+        fig, axes = plt.subplots(2, 1, figsize=(max(10, len(rows) * 0.45), 9))
         xs = range(len(rows))
-        bars = [(n, f"C{3 + i}") for i, n in enumerate(ours)] + [("fla", "C1"), ("flashqla", "C2"), ("floor", "k")]
-        w = 0.8 / len(bars)
-        for i, (n, c) in enumerate(bars):
-            ax.bar([x + (i - (len(bars) - 1) / 2) * w for x in xs], [r.get(n, 0) for r in rows], w, label=n, color=c)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=6, rotation=90)
-        ax.set_yscale("log")
-        ax.set_ylabel("forward ms (log)")
-        ax.set_title(f"GDN forward, {card}")
-        ax.legend()
+        for ax, m, fl in zip(axes, ("fwd", "fwdbwd"), ("floor", "floor_fb")):
+            bars = [("ours", "C0"), ("fla", "C1"), ("flashqla", "C2")]
+            w = 0.8 / (len(bars) + 1)
+            for i, (n, c) in enumerate(bars + [(None, "k")]):
+                vals = [r.get(f"{n}_{m}", 0) if n else r[fl] for r in rows]
+                ax.bar([x + (i - len(bars) / 2) * w for x in xs], vals, w, label=n or "floor", color=c)
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(labels, fontsize=6, rotation=90)
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{m} ms (log)")
+            ax.legend()
+        axes[0].set_title(f"GDN op, {card}")
         fig.tight_layout()
         fig.savefig(prefix + ".png", dpi=120)
         plt.close(fig)

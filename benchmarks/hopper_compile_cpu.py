@@ -5,12 +5,9 @@ and an empty stub serves (shared/gpu/README.md, "Compile on the CPU first"). For
 prints the TileLang compile time, then registers per thread, spills, named barriers and shared memory
 from `nvcc -Xptxas -v` on the generated source:
 
-    python benchmarks/hopper_compile_cpu.py                       # forward_rs, H/HV 2/8 and 16/32
+    python benchmarks/hopper_compile_cpu.py                       # chunk.kernel_set, H/HV 2/8 and 16/32
     python benchmarks/hopper_compile_cpu.py --kernel forward --heads 2/8
-    python benchmarks/hopper_compile_cpu.py --keep /tmp/rs        # also keep the .cu sources
-    python benchmarks/hopper_compile_cpu.py --kernel prepare_rs   # the rs chunk factors, with and without l2norm
-    python benchmarks/hopper_compile_cpu.py --kernel prepare      # the fused forward's prepare
-    python benchmarks/hopper_compile_cpu.py --kernel compose      # the composition of segment summaries
+    python benchmarks/hopper_compile_cpu.py --kernel backward_dh,backward_grads --keep /tmp/bw   # keep the .cu
 
 Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
 
@@ -99,7 +96,8 @@ def dynamic_smem(host_src: str, threads: int):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", default="forward_rs", choices=["forward_rs", "forward", "prepare_rs", "prepare", "compose"])
+    ap.add_argument("--kernel", default="all",
+                    help="comma list of kernel families (prepare, forward, compose, backward_dh, backward_grads) or all")
     ap.add_argument("--heads", default="2/8,16/32", help="H/HV pairs")
     ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
     ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
@@ -108,47 +106,23 @@ def main():
     import tilelang
     if not args.warm:
         tilelang.disable_cache()
-    from qla_megatron.ops.gated_delta_rule.hopper import chunk, compose, forward, forward_rs, prepare, prepare_rs
-    fast = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
-    exact = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk
+    want = None if args.kernel == "all" else set(args.kernel.split(","))
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
     rows = []
     for hh in args.heads.split(","):
         H, HV = map(int, hh.split("/"))
-        if args.kernel == "prepare":
-            variants = [(dict(l2norm=l2), exact) for l2 in (False, True)]
-            factory = prepare.prepare_kernel
-            pos = (H, HV, 128, "bfloat16")
-        elif args.kernel == "prepare_rs":
-            variants = [(dict(l2norm=l2, **chunk.prepare_heads(H, HV)), exact) for l2 in (False, True)]
-            factory = prepare_rs.prepare_rs_kernel
-            pos = (H, HV, 128, "bfloat16")
-        elif args.kernel == "compose":
-            variants = [(dict(has_initial=hi, BVc=chunk.COMPOSE_BVC), exact) for hi in (False, True)]
-            factory = compose.compose_kernel
-            pos = (HV, 128, 128)
-        elif args.kernel == "forward_rs":
-            factory = forward_rs.forward_rs_kernel
-            pos = (H, HV, 128, 128, "bfloat16")
-            bv = chunk.bv_rs(128)
-            variants = [(dict(has_initial=hi, store_final=sf, BV=bv), fast)
-                        for hi, sf in ((False, True), (True, True), (True, False), (False, False))]
-            variants += [(dict(summary=True, store_final=True, BV=bv), fast),
-                         (dict(summary=True, store_final=True, BV=bv, gate_chunks=4), fast)]
-        else:
-            factory = forward.forward_kernel
-            pos = (H, HV, 128, 128, "bfloat16")
-            variants = []
-            for l2 in (False, True):
-                for hi, sf in ((False, True), (True, True), (True, False), (False, False)):
-                    variants.append((dict(l2norm=l2, has_initial=hi, store_final=sf), fast))
-                variants.append((dict(l2norm=l2, summary=True, store_final=True), fast))
-        for kw, cfg in variants:
+        for name, pos, kw in chunk.kernel_set(H, HV, 128, 128):
+            if want is not None and name not in want:
+                continue
+            factory = chunk._FACTORIES[name]
+            # The factories' own pass configs (fast math or not), read off their @tilelang.jit.
+            cfg = getattr(factory, "pass_configs", None)
             t = time.time()
             kern = tilelang.compile(factory.get_tir(*pos, **kw), target=TARGET, pass_configs=cfg)
             dt = time.time() - t
-            tag = f"{args.kernel}_H{H}_HV{HV}_" + "_".join(f"{k}{int(v)}" for k, v in kw.items())
+            tag = f"{name}_H{H}_HV{HV}_" + "_".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
             keep = os.path.join(args.keep, tag + ".cu") if args.keep else None
             regs, st, ld, bars, warn, roles = ptxas_report(kern.get_kernel_source(), keep)
             m = re.search(r"__launch_bounds__\((\d+)", kern.get_kernel_source())

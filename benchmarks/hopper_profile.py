@@ -4,13 +4,13 @@
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section LaunchStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         python benchmarks/hopper_profile.py
-    # SASS-level stall sampling of the first launch (prepare_rs):
+    # SASS-level stall sampling of the first launch (prepare):
     source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \
         --section SourceCounters --section WarpStateStats -o prep python benchmarks/hopper_profile.py
     ncu --import prep.ncu-rep --page source --print-source sass --csv > prep_sass.csv
 
 The stages run once outside the profiled range (compiles, warm-up), then once between
-cudaProfilerStart / Stop: prepare_rs, the summary (exact, then gate-driven), the main pass over the
+cudaProfilerStart / Stop: prepare, the summary (exact, then gate-driven), the main pass over the
 planned segments, the main pass without intra-CP. Without PROFILE=1 it prints their do_bench medians.
 Inputs as bench_ops.py's (strong decay: every window gates).
 """
@@ -36,18 +36,18 @@ def main():
     A = torch.empty(HV, device=dev).uniform_(1, 16)
     g = -A * torch.nn.functional.softplus(torch.randn(T, HV, device=dev) + torch.empty(HV, device=dev).uniform_(-1, 3))
     b = torch.rand(T, HV, device=dev)
-    seg = hc.plan_segment_len([T], HV, K, K, hc._num_sms(0), BV=hc.bv_rs(K))
+    seg = hc.plan_segment_len([T], HV, K, K, hc._num_sms(0), BV=hc.bv_main(K))
     whole = hc._make_plan((0, T), None, torch.device(dev))
     p = hc._make_plan((0, T), seg, torch.device(dev))
-    factors = hc.prepare_rs(q, k, g, b, whole.chunks, HV, 0.1, True)
+    factors = hc.prepare(q, k, g, b, whole.chunks, HV, 0.1, True)
     NSS = p.sum_segs.shape[0]
     h0 = torch.zeros(p.NS, HV, K, K, device=dev)
 
     def fw(segs, **kw):
-        return hc.forward_rs(q, k, v, *factors, segs, **kw)
+        return hc.forward(q, k, v, *factors, segs, **kw)
 
     calls = {
-        "prepare_rs": lambda: hc.prepare_rs(q, k, g, b, whole.chunks, HV, 0.1, True),
+        "prepare": lambda: hc.prepare(q, k, g, b, whole.chunks, HV, 0.1, True),
         "summary": lambda: fw(p.sum_segs, n_final=NSS, summary=True),
         "summary gate-driven": lambda: fw(p.sum_segs, n_final=NSS, summary=True, gate_chunks=4),
         f"main pass, {p.NS} segments": lambda: fw(p.segs, h0=h0, n_final=1),

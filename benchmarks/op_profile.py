@@ -43,7 +43,7 @@ def main():
                 B, T = map(int, shape.split("x"))
                 lens, cu = [T] * B, None
                 q, k, v, g, beta = make(B, T, H, HV)
-            seg = plan_segment_len(lens, HV, 128, 128, hc._num_sms(0), BV=hc.bv_rs(128))
+            seg = plan_segment_len(lens, HV, 128, 128, hc._num_sms(0), BV=hc.bv_main(128))
             nseg = sum(-(-L // seg) for L in lens) if seg else len(lens)
             f = lambda: chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,  # noqa: E731
                                                use_qk_l2norm_in_kernel=True, cu_seqlens=cu, backend="tilelang")

@@ -1,4 +1,4 @@
-"""prepare_rs head grouping, A/B: v-heads a program (HP), qk-head sharing, min_blocks, at 1 x 32768.
+"""prepare head grouping, A/B: v-heads a program (HP), qk-head sharing, min_blocks, at 1 x 32768.
 
     source .gpu/env.sh && python benchmarks/prepare_heads_ab.py
 
@@ -16,7 +16,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc  # noqa: E402
-from qla_megatron.ops.gated_delta_rule.hopper.prepare_rs import prepare_rs_kernel  # noqa: E402
+from qla_megatron.ops.gated_delta_rule.hopper.prepare import prepare_kernel  # noqa: E402
 
 T, K = 32768, 128
 CASES = [((16, 48), [dict(HP=1), dict(HP=3), dict(HP=3, min_blocks=1), dict(HP=1, min_blocks=2),
@@ -31,7 +31,7 @@ CASES = [((16, 48), [dict(HP=1), dict(HP=3), dict(HP=3, min_blocks=1), dict(HP=1
 
 def main():
     bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")  # noqa: E731
-    print(f"precompile {hc.precompile([('prepare_rs', (H, HV, K, 'bfloat16'), dict(l2norm=True, **kw)) for (H, HV), kws in CASES for kw in kws], workers=13):.0f} s", flush=True)
+    print(f"precompile {hc.precompile([('prepare', (H, HV, K, 'bfloat16'), dict(l2norm=True, **kw)) for (H, HV), kws in CASES for kw in kws], workers=13):.0f} s", flush=True)
     for (H, HV), kws in CASES:
         q = torch.nn.functional.normalize(torch.randn(T, H, K, device="cuda"), dim=-1).bfloat16()
         k = torch.nn.functional.normalize(torch.randn(T, H, K, device="cuda"), dim=-1).bfloat16()
@@ -41,7 +41,7 @@ def main():
         NC = plan.chunks.shape[0]
         base = None
         for kw in kws:
-            kern = prepare_rs_kernel(H, HV, K, "bfloat16", l2norm=True, **kw)
+            kern = prepare_kernel(H, HV, K, "bfloat16", l2norm=True, **kw)
             A = torch.full((NC, HV, 64, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
             P = torch.full_like(A, float("nan"))
             F = torch.full((NC, HV, 4, 64), float("nan"), device="cuda")

@@ -23,6 +23,7 @@ class CallInfo:
     K: int
     V: int
     varlen: bool
+    requires_grad: bool = False     # a backward will follow (autograd is recording and an input needs it)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ Backends: "torch" (any device and float dtype; torch/chunk.py, the readable spec
 
 from __future__ import annotations
 
+import torch
+
 from . import backends
 from .inputs import check_inputs, default_scale, packed_stream, sequence_bounds
 from .torch import chunk_scan
@@ -59,19 +61,23 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, one of {backends.known_backends()}, got {backend!r}")
     check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
-    chosen = backends.select(backend, _call_info(q, k, v, cu_seqlens))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, g, beta, initial_state))
+    chosen = backends.select(backend, _call_info(q, k, v, cu_seqlens, grad))
     return chosen.run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                       use_qk_l2norm_in_kernel)
 
 
-def which_backend(q, k, v, cu_seqlens=None, backend="auto") -> str:
-    """Name of the backend that `chunk_gated_delta_rule` would run for these inputs (ValueError if none)."""
-    return backends.select(backend, _call_info(q, k, v, cu_seqlens)).name
+def which_backend(q, k, v, cu_seqlens=None, backend="auto", requires_grad=False) -> str:
+    """Name of the backend that `chunk_gated_delta_rule` would run for these inputs (ValueError if none);
+    requires_grad: for a call whose backward will run."""
+    return backends.select(backend, _call_info(q, k, v, cu_seqlens, requires_grad)).name
 
 
-def _call_info(q, k, v, cu_seqlens):
+def _call_info(q, k, v, cu_seqlens, requires_grad=False):
     return backends.CallInfo(device=q.device, dtype=q.dtype, H=k.shape[2], HV=v.shape[2],
-                             K=k.shape[3], V=v.shape[3], varlen=cu_seqlens is not None)
+                             K=k.shape[3], V=v.shape[3], varlen=cu_seqlens is not None,
+                             requires_grad=requires_grad)
 
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

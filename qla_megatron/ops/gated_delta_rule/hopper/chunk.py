@@ -1,27 +1,23 @@
-"""Forward plan of the Hopper path: prepare -> (summary -> compose ->) forward.
+"""Plan and launchers of the Hopper path; the forward: prepare -> (summary -> compose ->) forward.
 
-    prepare   per (chunk, v-head): the cumulative gate, A = (I + StrictLower(diag(beta) K K^T))^-1 and,
-              for the rs kernel, the chunk factors Ag, P, F it reads (prepare_rs.py)
+    prepare   per (chunk, v-head): the chunk factors Ai, P, F (prepare.py)
     summary   per (column block of [M | S_ext], v-head, segment with a successor): the segment's (S_ext, M);
-              gate-driven (rs, the default) where the decay over its last warmup_chunks chunks allows:
-              (0, the end state of those chunks from zero) instead (forward_rs.py's docstring)
+              gate-driven where the decay over its last warmup_chunks chunks allows:
+              (0, the end state of those chunks from zero) instead (forward.py's docstring)
     compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence (compose.py: fp32, one launch)
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
 Without intra-card CP (one segment per sequence) only prepare and forward run.
 
-Two forward kernels serve the same plan; QLA_MEGATRON_HOPPER_FORWARD picks one (read on every call):
-
-    rs     (default) forward_rs.py: the state transposed in registers, every chain product in wgmma's
-           register-operand form; verified on an H100 (all GPU tests, incl. V = 64 / 256 and fp16);
-           its forward pass without intra-CP took 1.56 ms against fused's 2.79 at 32/16 x 32k
-    fused  forward.py: TileLang's automatic warp specialization; verified on an H100 for bf16, V = 128
+The backward (backward.py) runs the dual on the same plan: the states pass, (backward summary ->
+compose ->) the adjoint walk, the gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -31,73 +27,75 @@ import torch
 from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
 from .compose import compose_kernel
+from .backward_dh import backward_dh_kernel
+from .backward_grads import backward_grads_kernel
 from .forward import CHUNK, forward_kernel
-from .forward_rs import forward_rs_kernel
 from .prepare import prepare_kernel
-from .prepare_rs import prepare_rs_kernel
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-BV = 64
 COMPOSE_BVC = 16     # state columns per compose_kernel program
-BV_RS = 128          # forward_rs: two consumer warpgroups, 64 state columns each (64: one, for V = 64)
+BV_MAIN = 128        # forward / backward_dh: two consumer warpgroups, 64 state columns each (64: one, for V = 64)
+# What the kernels were verified for on an H100 / H200 (tests/ops/test_hopper_*.py): the backend serves
+# nothing else.
+VERIFIED = dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16))
+# V the backward serves: backward_grads.py reuses [C, V] fragments for [C, K] products (V = K = 128),
+# and holds S, dS [K, V] and four [C, V] tiles in shared memory (V = 256 would not fit).
+BACKWARD_V = (128,)
+# Tests fill every output with NaN before the kernels run (unwritten elements then show): poison_outputs().
+_POISON = contextvars.ContextVar("qla_megatron_hopper_poison", default=False)
 
 
-def bv_rs(V: int) -> int:
-    return BV_RS if V % BV_RS == 0 else 64
+def bv_main(V: int) -> int:
+    return BV_MAIN if V % BV_MAIN == 0 else 64
 
 
-# Kernel config: issue independent wgmma together (True) or one synchronous T.gemm at a time (False);
-# QLA_MEGATRON_HOPPER_SYNC_MMA=1 selects the latter (kept for A/B timing).
-ASYNC_MMA = os.environ.get("QLA_MEGATRON_HOPPER_SYNC_MMA", "0") != "1"
-# Forward kernel variant (see the module docstring); the default is the fastest GPU-verified kernel.
-FORWARD_ENV = "QLA_MEGATRON_HOPPER_FORWARD"
-FORWARD_VARIANTS = {"fused": forward_kernel, "rs": forward_rs_kernel}
-DEFAULT_FORWARD = "rs"
-# What each variant was verified for on an H100 (tests/ops/test_hopper_forward.py): the backend serves
-# nothing else with it.
-VERIFIED = {"rs": dict(V=(64, 128, 256), dtypes=(torch.bfloat16, torch.float16)),
-            "fused": dict(V=(128,), dtypes=(torch.bfloat16,))}
-# Tests set this to fill every output with NaN before the kernels run (unwritten elements then show).
-POISON_OUTPUTS = False
+@contextlib.contextmanager
+def poison_outputs():
+    """Within this context every buffer the Hopper launchers allocate is filled with NaN first."""
+    tok = _POISON.set(True)
+    try:
+        yield
+    finally:
+        _POISON.reset(tok)
 
 
-def forward_variant(variant: Optional[str] = None) -> str:
-    """The forward kernel variant: `variant` if given, else $QLA_MEGATRON_HOPPER_FORWARD, else DEFAULT."""
-    name = variant if variant is not None else os.environ.get(FORWARD_ENV, "") or DEFAULT_FORWARD
-    if name not in FORWARD_VARIANTS:
-        src = "variant" if variant is not None else FORWARD_ENV
-        raise ValueError(f"{src}={name!r} is not a Hopper forward variant; choose one of "
-                         f"{sorted(FORWARD_VARIANTS)}")
-    return name
-
-
-def forward_factory(variant: Optional[str] = None):
-    """The @tilelang.jit factory of the forward kernel variant (see forward_variant)."""
-    return FORWARD_VARIANTS[forward_variant(variant)]
-
-
-def _empty(*shape, dtype, device):
-    if POISON_OUTPUTS:
+def empty(*shape, dtype, device):
+    if _POISON.get():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
+class _Walk:
+    """A composition's walk (compose.py), per sequence: (J, row of its initial value), the summary row
+    of step j, the output row of step j. Forward: steps run first segment to last and output j is
+    segment j's start; backward: last to first, output j is segment J - j's end adjoint."""
+    meta: torch.Tensor          # [N, 2] int32
+    srow: torch.Tensor          # [N, max J] int32
+    zrow: torch.Tensor          # [N, max J + 1] int32
+
+
+@dataclass(frozen=True)
 class _Plan:
     chunks: torch.Tensor        # [NC, 2] int32: first token, valid tokens
-    segs: torch.Tensor          # [NS, 5] int32 for the main pass
-    sum_segs: Optional[torch.Tensor]   # [NSS, 5] for the summary pass, or None
+    segs: torch.Tensor          # [NS, 5] int32 for the forward main pass and the states pass
+    bsegs: torch.Tensor         # [NS, 5] the same segments for the backward walk (dh0 from first segments)
     NC: int
     NS: int
-    # The composition's walk (compose.py; compose_starts), per sequence: (J, h0 row), the summary row
-    # of step j, the main-pass row of segment j. None without summaries.
-    comp_meta: Optional[torch.Tensor] = None   # [N, 2] int32
-    comp_srow: Optional[torch.Tensor] = None   # [N, max J] int32
-    comp_zrow: Optional[torch.Tensor] = None   # [N, max J + 1] int32
+    # With intra-card CP only: the summary passes' segments and the compositions' walks.
+    sum_segs: Optional[torch.Tensor] = None    # [NSS, 5] segments with a successor (forward)
+    bsum_segs: Optional[torch.Tensor] = None   # [NSS, 5] segments with a predecessor (backward)
+    walk: Optional[_Walk] = None
+    bwalk: Optional[_Walk] = None
+
+
+def _i32(rows, device):
+    return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
 @functools.lru_cache(maxsize=64)
 def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _Plan:
+    """The plan of one (sequence bounds, segment length): built once, on the host, cached by shape."""
     C = CHUNK
     N = len(bounds) - 1
     chunks, seq_first_chunk = [], []
@@ -118,41 +116,47 @@ def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _
     # Longest segments first: the grid's last programs are then the short ones.
     order = sorted(range(len(pieces)), key=lambda i: -(pieces[i][1] - pieces[i][0]))
     seg_row = {(pieces[i][3], pieces[i][4]): r for r, i in enumerate(order)}
-    segs = []
+    segs, bsegs = [], []
     for i in order:
         s, e, c0, n, j = pieces[i]
+        # Row of the segment's start state (forward) / end adjoint (backward): the composed row with
+        # intra-card CP, else the sequence's h0 / dht row.
         init_row = seg_row[(n, j)] if seg_len else n
-        out_row = n if j == last_j[n] else -1
-        segs.append((s, e, c0, init_row, out_row))
-    sum_segs, comp = None, {}
+        segs.append((s, e, c0, init_row, n if j == last_j[n] else -1))
+        bsegs.append((s, e, c0, init_row, n if j == 0 else -1))
+    plan = dict(chunks=_i32(chunks, device), segs=_i32(segs, device), bsegs=_i32(bsegs, device),
+                NC=len(chunks), NS=len(segs))
     if seg_len and any(v > 0 for v in last_j.values()):
-        # One summary row per segment that has a successor.
         maxj = max(last_j.values())
-        sum_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] < last_j[p[3]])}
         pos = {(p[3], p[4]): p for p in pieces}
-        sum_segs = torch.tensor([(*pos[nj][:3], 0, r) for nj, r in sum_row.items()], dtype=torch.int32).to(device)
-        meta = [(last_j[n], n) for n in range(N)]
-        srow = [[sum_row.get((n, j), 0) for j in range(maxj)] for n in range(N)]
-        zrow = [[seg_row.get((n, j), 0) for j in range(maxj + 1)] for n in range(N)]
-        comp = dict(comp_meta=torch.tensor(meta, dtype=torch.int32).to(device),
-                    comp_srow=torch.tensor(srow, dtype=torch.int32).to(device),
-                    comp_zrow=torch.tensor(zrow, dtype=torch.int32).to(device))
-    return _Plan(chunks=torch.tensor(chunks, dtype=torch.int32).to(device),
-                 segs=torch.tensor(segs, dtype=torch.int32).to(device), sum_segs=sum_segs,
-                 NC=len(chunks), NS=len(segs), **comp)
+        # One forward summary row per segment with a successor, one backward row per segment with a
+        # predecessor.
+        fwd_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] < last_j[p[3]])}
+        bwd_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] > 0)}
+        plan["sum_segs"] = _i32([(*pos[nj][:3], 0, r) for nj, r in fwd_row.items()], device)
+        plan["bsum_segs"] = _i32([(*pos[nj][:3], 0, r) for nj, r in bwd_row.items()], device)
+        meta = _i32([(last_j[n], n) for n in range(N)], device)
+        plan["walk"] = _Walk(meta, _i32([[fwd_row.get((n, j), 0) for j in range(maxj)] for n in range(N)], device),
+                             _i32([[seg_row.get((n, j), 0) for j in range(maxj + 1)] for n in range(N)], device))
+        J = last_j
+        plan["bwalk"] = _Walk(meta, _i32([[bwd_row.get((n, J[n] - j), 0) for j in range(maxj)] for n in range(N)],
+                                         device),
+                              _i32([[seg_row.get((n, J[n] - j), 0) for j in range(maxj + 1)] for n in range(N)],
+                                   device))
+    return _Plan(**plan)
 
 
-def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], K: int) -> torch.Tensor:
-    """Start state of every main-pass segment from the segment summaries (DESIGN §2), in fp32, in
-    torch, one sequence and step at a time: the reference of compose_kernel (the op launches that,
-    through compose()). Z[n, j + 1] = M[n, j] Z[n, j] + S_ext[n, j], Z[n, 0] = h0[n] (or 0).
-    summ [NSS, HV, K, K + V] from the summary pass; h0 [N, HV, K, V] or None. Returns [NS, HV, K, V]
-    in the main pass's row order. Gate-driven summaries need nothing here: theirs are
-    (M = 0, S_ext = warm-up state)."""
+def compose_starts(walk: _Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int, K: int) -> torch.Tensor:
+    """The composition in torch, in fp32, one sequence and step at a time: the reference of
+    compose_kernel (the op launches that, through compose()). Along each sequence's walk,
+    Z[0] = z0[n] (or 0), Z[j + 1] = M_j Z[j] + S_ext_j with [M_j | S_ext_j] = summ[srow[j]], output
+    Z[j] to row zrow[j]. Forward: summ from the summary pass, z0 = h0, the outputs the main-pass start
+    states. Backward: summ = [M^T | dS_ext] from the backward summary pass, z0 = dht, the outputs every
+    segment's end adjoint. summ [NSS, HV, K, K + V], z0 [N, HV, K, V] or None; returns [NS, HV, K, V]."""
     NSS, HV, _, W = summ.shape
-    out = summ.new_empty(plan.NS, HV, K, W - K)
-    for (J, n), srow, zrow in zip(plan.comp_meta.tolist(), plan.comp_srow.tolist(), plan.comp_zrow.tolist()):
-        z = h0[n] if h0 is not None else summ.new_zeros(HV, K, W - K)
+    out = summ.new_empty(NS, HV, K, W - K)
+    for (J, n), srow, zrow in zip(walk.meta.tolist(), walk.srow.tolist(), walk.zrow.tolist()):
+        z = z0[n] if z0 is not None else summ.new_zeros(HV, K, W - K)
         out[zrow[0]] = z
         for j in range(J):
             m = summ[srow[j]]
@@ -161,14 +165,14 @@ def compose_starts(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor], 
     return out
 
 
-def compose(plan: _Plan, summ: torch.Tensor, h0: Optional[torch.Tensor]) -> torch.Tensor:
+def compose(walk: _Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
     """compose_starts in one launch of compose_kernel (compose.py): the same [NS, HV, K, V] fp32."""
     NSS, HV, K, W = summ.shape
     V = W - K
-    kern = compose_kernel(HV, K, V, has_initial=h0 is not None, BVc=COMPOSE_BVC)
-    out = _empty(plan.NS, HV, K, V, dtype=torch.float32, device=summ.device)
+    kern = compose_kernel(HV, K, V, has_initial=z0 is not None, BVc=COMPOSE_BVC)
+    out = empty(NS, HV, K, V, dtype=torch.float32, device=summ.device)
     dummy = summ.new_empty(1, HV, K, V)
-    kern(summ, h0 if h0 is not None else dummy, plan.comp_meta, plan.comp_srow, plan.comp_zrow, out)
+    kern(summ, z0 if z0 is not None else dummy, walk.meta, walk.srow, walk.zrow, out)
     return out
 
 
@@ -177,23 +181,8 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def prepare(k, g, beta, chunks, HV, l2norm=False):
-    """Launch prepare_kernel. k [Tt, H, K] (dtype), g, beta [Tt, HV] fp32, chunks [NC, 2] int32.
-    Returns Gc, Bc, Rk [NC, HV, C] fp32 (Rk = 1 / ||k|| with l2norm, else unwritten) and A."""
-    Tt, H, K = k.shape
-    NC = chunks.shape[0]
-    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm)
-    Gc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
-    Bc = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
-    Rk = _empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device) if l2norm else \
-        torch.empty(NC, HV, CHUNK, dtype=torch.float32, device=k.device)
-    A = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
-    kern(k, g, beta, chunks, Gc, Bc, Rk, A)
-    return Gc, Bc, Rk, A
-
-
 def prepare_heads(H: int, HV: int) -> dict:
-    """prepare_rs_kernel's head grouping. A program takes HP v-heads of one qk-head, which is loaded and
+    """prepare_kernel's head grouping. A program takes HP v-heads of one qk-head, which is loaded and
     multiplied once for all of them: HP = 4, 3 or 2 where it divides HV / H (4 and 3 on 256 threads).
     Per v-head the loads dominate: at 1 x 32768 on an H100, 48/16 0.870 -> 0.560 ms (HP 1 -> 3), 64/16
     0.756 -> 0.642 (HP 2 -> 4), 32/8 0.382 -> 0.329 (benchmarks/results/prepare_rs_heads_h100.md).
@@ -209,67 +198,70 @@ def prepare_heads(H: int, HV: int) -> dict:
     return dict(HP=1, share_qk=True)
 
 
-def prepare_rs(q, k, g, beta, chunks, HV, scale, l2norm):
-    """Launch prepare_rs_kernel. q, k [Tt, H, K] dtype, g, beta [Tt, HV] fp32.
-    Returns Ag, P [NC, HV, C, C] dtype and F [NC, HV, 4, C] fp32."""
+def prepare(q, k, g, beta, chunks, HV, scale, l2norm):
+    """Launch prepare_kernel. q, k [Tt, H, K] dtype, g, beta [Tt, HV] fp32.
+    Returns Ai, P [NC, HV, C, C] dtype and F [NC, HV, 5, C] fp32 (prepare.py)."""
     Tt, H, K = k.shape
     NC = chunks.shape[0]
-    kern = prepare_rs_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, **prepare_heads(H, HV))
-    Ag = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
-    P = _empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
-    F = _empty(NC, HV, 4, CHUNK, dtype=torch.float32, device=k.device)
-    kern(q, k, g, beta, chunks, float(scale), Ag, P, F)
-    return Ag, P, F
+    kern = prepare_kernel(H, HV, K, _DTYPES[k.dtype], l2norm=l2norm, **prepare_heads(H, HV))
+    Ai = empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
+    P = empty(NC, HV, CHUNK, CHUNK, dtype=k.dtype, device=k.device)
+    F = empty(NC, HV, 5, CHUNK, dtype=torch.float32, device=k.device)
+    kern(q, k, g, beta, chunks, float(scale), Ai, P, F)
+    return Ai, P, F
 
 
-def _pass_buffers(q, HV, K, V, n_final, summary, states):
-    """What a forward or summary pass writes, for both kernels: (dummy h0 / ht [1, HV, K, W] fp32,
-    ht [n_final, HV, K, W] fp32 (the dummy when n_final = 0), o [Tt, HV, V] (one unwritten row in
-    summary mode), states (given, or a one-row dummy)); W = K + V in summary mode, else V."""
-    Tt, dev = q.shape[0], q.device
-    W = K + V if summary else V
-    dummy = torch.empty(1, HV, K, W, dtype=torch.float32, device=dev)
-    ht = _empty(n_final, HV, K, W, dtype=torch.float32, device=dev) if n_final else dummy
-    o = _empty(Tt, HV, V, dtype=q.dtype, device=dev) if not summary else \
-        torch.empty(1, HV, V, dtype=q.dtype, device=dev)          # not written
-    st = states if states is not None else torch.empty(1, HV, K, V, dtype=q.dtype, device=dev)
-    return dummy, ht, o, st
-
-
-def forward_rs(q, k, v, Ag, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, gate_chunks=0):
-    """Launch forward_rs_kernel over the segments in `segs`. Returns (o, ht [n_final, HV, K, W] or None).
-    summary: the [M | S_ext] pass; gate_chunks > 0 (summary only): gate-driven, with warm-ups of that
-    many chunks (forward_rs.py)."""
-    _, H, K = k.shape
-    HV, V = v.shape[1], v.shape[2]
-    kern = forward_rs_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                             store_final=n_final > 0, save_states=states is not None, gate_chunks=gate_chunks,
-                             BV=bv_rs(V))
-    dummy, ht, o, st = _pass_buffers(q, HV, K, V, n_final, summary, states)
-    kern(q, k, v, Ag, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
-    return o, (ht if n_final else None)
-
-
-def forward(q, k, v, Gc, Bc, Rk, A, segs, scale, *, h0=None, n_final=0, summary=False, states=None,
-            l2norm=False):
-    """Launch the "fused" forward kernel (forward.py) over the segments in `segs`.
-    Returns (o, ht [n_final, HV, K, W] or None)."""
-    _, H, K = k.shape
+def forward(q, k, v, Ai, P, F, segs, *, h0=None, n_final=0, summary=False, states=None, gate_chunks=0,
+            emit_o=True):
+    """Launch forward_kernel over the segments in `segs`. Returns (o or None, ht [n_final, HV, K, W] or
+    None), W = K + V in summary mode, else V. summary: the [M | S_ext] pass; gate_chunks > 0 (summary
+    only): gate-driven, with warm-ups of that many chunks; states [NC, HV, K, V]: written with every
+    chunk's start state; emit_o=False: the states-only walk (forward.py)."""
+    Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     kern = forward_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_initial=h0 is not None,
-                          store_final=n_final > 0, save_states=states is not None, l2norm=l2norm,
-                          BV=BV, async_mma=ASYNC_MMA)
-    dummy, ht, o, st = _pass_buffers(q, HV, K, V, n_final, summary, states)
-    kern(q, k, v, Gc, Bc, Rk, A, segs, h0 if h0 is not None else dummy, float(scale), o, ht, st)
-    return o, (ht if n_final else None)
+                          store_final=n_final > 0, save_states=states is not None, gate_chunks=gate_chunks,
+                          emit_o=emit_o, BV=bv_main(V))
+    W = K + V if summary else V
+    dummy = torch.empty(1, HV, K, W, dtype=torch.float32, device=q.device)
+    ht = empty(n_final, HV, K, W, dtype=torch.float32, device=q.device) if n_final else dummy
+    out = emit_o and not summary
+    o = empty(Tt, HV, V, dtype=q.dtype, device=q.device) if out else q.new_empty(1, HV, V)   # not written
+    st = states if states is not None else q.new_empty(1, HV, K, V)
+    kern(q, k, v, Ai, P, F, segs, h0 if h0 is not None else dummy, o, ht, st)
+    return (o if out else None), (ht if n_final else None)
+
+
+@dataclass
+class ForwardSaved:
+    """What the forward keeps for the backward besides its inputs (bytes per token and v-head at
+    K = V = 128, bf16: Ai and P 128 each, F 20): the chunk factors, so the backward does not rebuild
+    them, and the start state of every main-pass segment (fp32, one [K, V] a segment and v-head), from
+    which the backward's states pass recomputes every chunk's start state in bf16."""
+    plan: _Plan
+    config: IntraCPConfig
+    Ai: torch.Tensor
+    P: torch.Tensor
+    F: torch.Tensor
+    starts: Optional[torch.Tensor]     # [NS or N, HV, K, V] fp32 rows of plan.segs[:, 3], or None (zeros)
+    scale: float
+
+
+def flat_inputs(q, k, v, g, beta):
+    """The token-major views the kernels read: q, k [Tt, H, K], v [Tt, HV, V] contiguous in their
+    dtype; g, beta [Tt, HV] fp32."""
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous(),
+            v.reshape(B * T, HV, V).contiguous(), g.reshape(B * T, HV).float().contiguous(),
+            beta.reshape(B * T, HV).float().contiguous())
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None,
-                               variant: Optional[str] = None):
-    """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state).
-    `variant` picks the forward kernel ("fused" or "rs"); None reads $QLA_MEGATRON_HOPPER_FORWARD."""
-    variant = forward_variant(variant)
+                               save_for_backward: bool = False):
+    """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state),
+    and with save_for_backward a third item, the ForwardSaved the backward (backward.py) runs from."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     dev = k.device
@@ -277,82 +269,69 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     N = len(bounds) - 1
     lens = [bounds[n + 1] - bounds[n] for n in range(N)]
     cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
-    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=bv_rs(V) if variant == "rs" else BV,
-                               config=cfg)
+    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=bv_main(V), config=cfg)
     if seg_len is not None and seg_len >= max(lens):
         seg_len = None
     plan = _make_plan(bounds, seg_len, dev)
 
-    qf, kf = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
-    l2 = bool(use_qk_l2norm_in_kernel)   # fused: the kernels scale by 1 / ||q||, 1 / ||k||
-    vf = v.reshape(B * T, HV, V).contiguous()
-    gf = g.reshape(B * T, HV).float().contiguous()
-    bf = beta.reshape(B * T, HV).float().contiguous()
+    qf, kf, vf, gf, bf = flat_inputs(q, k, v, g, beta)
     scale = K ** -0.5 if scale is None else float(scale)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
 
-    if variant == "rs":
-        Ag, P, F = prepare_rs(qf, kf, gf, bf, plan.chunks, HV, scale, l2)
-        run_pass = functools.partial(forward_rs, qf, kf, vf, Ag, P, F)
-    else:
-        run_pass = _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2)
+    Ai, P, F = prepare(qf, kf, gf, bf, plan.chunks, HV, scale, bool(use_qk_l2norm_in_kernel))
     if plan.sum_segs is not None:
         NSS = plan.sum_segs.shape[0]
-        # Gate-driven summaries: the rs kernel only (the fused one composes exactly).
-        gate = dict(gate_chunks=cfg.warmup_chunks) if cfg.mode == "gate" and variant == "rs" else {}
-        _, summ = run_pass(plan.sum_segs, n_final=NSS, summary=True, **gate)
-        h0 = compose(plan, summ, h0)
-    o, ht = run_pass(plan.segs, h0=h0, n_final=N if output_final_state else 0)
-    return o.view(B, T, HV, V), ht
+        _, summ = forward(qf, kf, vf, Ai, P, F, plan.sum_segs, n_final=NSS, summary=True,
+                          gate_chunks=cfg.warmup_chunks if cfg.mode == "gate" else 0)
+        h0 = compose(plan.walk, summ, h0, plan.NS)
+    o, ht = forward(qf, kf, vf, Ai, P, F, plan.segs, h0=h0, n_final=N if output_final_state else 0)
+    o = o.view(B, T, HV, V)
+    if save_for_backward:
+        return o, ht, ForwardSaved(plan, cfg, Ai, P, F, h0, scale)
+    return o, ht
 
 
-def _classic_pass(qf, kf, vf, gf, bf, plan, HV, scale, l2):
-    """prepare for the "fused" kernel; returns run_pass(segs, **forward kwargs)."""
-    Gc, Bc, Rk, A = prepare(kf, gf, bf, plan.chunks, HV, l2norm=l2)
-    return functools.partial(forward, qf, kf, vf, Gc, Bc, Rk, A, scale=scale, l2norm=l2)
-
-
-def _summary_gate_chunks(gate_chunks: Optional[int]) -> int:
+def _gate_chunks(gate_chunks: Optional[int]) -> int:
     if gate_chunks is not None:
         return gate_chunks
     cfg = IntraCPConfig()
     return cfg.warmup_chunks if cfg.mode == "gate" else 0
 
 
-def forward_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, variant=DEFAULT_FORWARD,
-                gate_chunks: Optional[int] = None):
-    """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory, args, kwargs)]. Sequence
-    length and batch are symbolic, so this set serves every length. Same order for every variant:
-    prepare, four main-pass kernels, the summary kernel, the composition without and with h0. rs: the
-    summary is gate-driven with warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0:
-    the exact summary)."""
+def kernel_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, gate_chunks: Optional[int] = None,
+               backward=True):
+    """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory name, args, kwargs)]. Sequence
+    length and batch are symbolic, so this set serves every length. Order: prepare, the four main
+    passes (h0 / final state with and without), the summary, the composition without and with an
+    initial value; with backward (and V in BACKWARD_V), then the states pass with and without h0, the backward summary,
+    the adjoint walk with and without a terminal adjoint, the gradients. Summaries are gate-driven
+    with warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0: exact)."""
     d = _DTYPES[dtype]
-    compose = [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
-    if variant == "rs":
-        main = dict(summary=False, BV=bv_rs(V))
-        return [("prepare_rs", (H, HV, K, d), dict(l2norm=l2norm, **prepare_heads(H, HV))),
-                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
-                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
-                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
-                ("forward_rs", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-                ("forward_rs", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=bv_rs(V),
-                                                      gate_chunks=_summary_gate_chunks(gate_chunks)))] + compose
-    main = dict(summary=False, BV=BV, async_mma=ASYNC_MMA, l2norm=l2norm)
-    return [("prepare", (H, HV, K, d), dict(l2norm=l2norm)),
-            ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=True)),
-            ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=True)),
-            ("forward", (H, HV, K, V, d), dict(main, has_initial=True, store_final=False)),
-            ("forward", (H, HV, K, V, d), dict(main, has_initial=False, store_final=False)),
-            ("forward", (H, HV, K, V, d), dict(summary=True, store_final=True, BV=BV, async_mma=ASYNC_MMA,
-                                               l2norm=l2norm))] + compose
+    gc = _gate_chunks(gate_chunks)
+    task = (H, HV, K, V, d)
+    main = dict(summary=False, BV=bv_main(V))
+    items = [("prepare", (H, HV, K, d), dict(l2norm=l2norm, **prepare_heads(H, HV)))]
+    items += [("forward", task, dict(main, has_initial=hi, store_final=sf))
+              for hi, sf in ((False, True), (True, True), (True, False), (False, False))]
+    items += [("forward", task, dict(summary=True, store_final=True, BV=bv_main(V), gate_chunks=gc))]
+    items += [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
+    if backward and V in BACKWARD_V:
+        items += [("forward", task, dict(main, has_initial=hi, store_final=False, save_states=True,
+                                         emit_o=False)) for hi in (True, False)]
+        items += [("backward_dh", task, dict(summary=True, gate_chunks=gc, BV=bv_main(V)))]
+        items += [("backward_dh", task, dict(has_terminal=ht, BV=bv_main(V))) for ht in (True, False)]
+        items += [("backward_grads", task, dict(l2norm=l2norm))]
+    return items
+
+
+_FACTORIES = {"prepare": prepare_kernel, "forward": forward_kernel, "compose": compose_kernel,
+              "backward_dh": backward_dh_kernel, "backward_grads": backward_grads_kernel}
 
 
 def _compile_one(item):
     name, args, kwargs = item
-    factory = {"prepare": prepare_kernel, "forward": forward_kernel, "forward_rs": forward_rs_kernel,
-               "prepare_rs": prepare_rs_kernel, "compose": compose_kernel}[name]
     t = time.time()
-    factory(*args, **kwargs)
+    _FACTORIES[name](*args, **kwargs)
     return time.time() - t
 
 

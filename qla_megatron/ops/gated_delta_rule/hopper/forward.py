@@ -1,41 +1,67 @@
-"""Fused chunked forward: one program per (value-column block, v-head, segment) streams the segment's
-chunks, keeps its K x BV slice of the state in registers, and writes o, the end state and (on request)
-the per-chunk start states. The WY factors w, u are formed in shared memory / registers per chunk and
-never written to device memory.
+"""Chunked forward with the state held TRANSPOSED in registers: every product on the serial chain
+takes its left operand from registers (wgmma's RS form).
 
-Per chunk of C = 64 tokens (G, beta, A from prepare.py, G in log2 units; gamma = 2^G, Gamma_ij = 2^(G_i - G_j)):
+Why: with S as K x BV in registers, every W S and Q S needs S copied to shared memory (bf16) first,
+and K^T Vd needs Vd there: two round trips and their barriers per chunk on the only serial path
+(measured ~5 us a chunk on an H100, 2.79 ms against this kernel's 1.56 at 32/16 x 32k). Holding
+S^T [BV, K] instead, the chain is
 
-    Ag  = (Gamma . A) diag(beta)            [C, C]   lower; every factor is exp(G_i - G_j) <= 1
-    Wa  = diag(gamma) A diag(beta)          [C, C]   = Ag diag(gamma): so W S = Wa K S without a ratio
-    W   = Wa K                              [C, K]   (the classic w, never stored)
-    U   = Ag V                              [C, BV]  (the classic u, never stored)
-    P   = scale Gamma . (Q K^T)             [C, C]   lower
-    ----- serial part: the only dependency between chunks -----
-    Vd  = U - W S                           [C, BV]
-    O   = scale diag(gamma) Q S + P Vd      [C, BV]
-    S  <- exp(G_C) S + K^T (exp(G_C - G) . Vd)
+    Xt  = S^T K^T                     [BV, C]   A = S^T (registers, bf16), B = K (smem)
+    Yt  = (V^T - Xt diag(gk)) diag(b) [BV, C]   gk = gamma Rk, b = beta             (registers)
+    Dt  = Yt Ai^T                     [BV, C]   A = Yt (registers), B = Ai (smem)   = Vd^T
+    S^T <- gC S^T + (Dt diag(ee)) K   [BV, K]   A = registers, B = K (smem)
 
-The value columns of the state are independent, so a program owns BV of them; the gate-free and
-in-chunk parts (Ag, W, P) are recomputed by the V / BV programs of a head, which is cheap next to
-the serial chain.
+and the output, off the chain but in the same registers,
 
-Summary mode (intra-card context parallelism, DESIGN §2): the state is [M | S_ext], K x (K + V), started
-from [I | 0], with zero values in the first K columns; no o. The programs whose columns fall in M
-load no v (U = 0) and start from the matching columns of I.
+    Ot  = S^T Q^T diag(qs) + Dt P^T   [BV, C]   = O^T;  qs = scale gamma Rq
 
-l2norm (use_qk_l2norm_in_kernel): q and k are read as they are; 1 / ||k|| (from prepare) and 1 / ||q||
-(computed here from the loaded tile) scale the rows and columns of the factors above instead.
+with the chunk factors from prepare.py:
 
-Pad tokens of a sequence's last chunk have beta = 0 (prepare.py), so their rows of Ag, Wa, U, W and Vd
-are exactly 0 and they move nothing; their o rows are not written.
+    Ai  = Gamma . A                   [C, C]   lower; A = (I + StrictLower(diag(beta) Kn Kn^T))^-1
+    P   = scale diag(Rq) (Gamma . Q K^T) diag(Rk)  [C, C]   lower
+    F   = [gk, ee, qs, gC, b]         [5, C]   gk = gamma Rk, ee = exp(G_C - G) Rk, gC = exp(G_C)
+
+(gamma = exp(G), Gamma_ij = exp(G_i - G_j), Rk = 1 / ||k||, Rq = 1 / ||q|| with l2norm, else 1.)
+This is the classic WY form's algebra (Vd = U - W S = Ai diag(beta) (V - diag(gamma Rk) K S), since
+W = Ai diag(beta gamma Rk) K), transposed. The accumulator layout of one wgmma is the register-operand layout of the next, so Xt, Dt
+and S^T never leave registers; the only per-chunk shared-memory write is O for its store.
+
+One program per (block of BV state columns, v-head, segment); BV = 128 runs two consumer warpgroups,
+each owning 64 state columns (64 rows of S^T): their chains are independent and share the chunk's
+q, k, Ai, P tiles in shared memory, loaded once by TileLang's TMA producer warpgroup.
+
+Summary mode (intra-card CP): state [M | S_ext] (K x (K + V)), started from [I | 0], no o; the
+programs whose columns are M use no v (V^T = 0).
+
+States mode (emit_o=False, for the backward's recompute of every chunk's start state): no q, P or o;
+the walk of the main pass writing `states` only.
+
+Gate-driven summaries (gate_chunks = n > 0, DESIGN §2): where the decay over the segment's last n
+chunks, the product of their exp(G_C) (F's last row), is below e^-10, whatever came before them is
+below float32 resolution in the end state. Such a (segment, v-head) reports M = 0 and, as S_ext, the
+end state of those n chunks from zero (a warm-up): its M programs walk no chunks and its S_ext
+programs only the last n. The composition S_start[j + 1] = M_j S_start[j] + S_ext[j] then takes the
+warm-up state with no gate mask anywhere else. Segments of n chunks or fewer are never gated.
 """
 
 import tilelang
 import tilelang.language as T
 
-from .prepare import inv_row_norms
-
 CHUNK = 64
+GATE_DECAY = 4.5399929762484854e-05    # e^-10: the decay below which a window hides what came before
+
+
+def _window_decay(F, c_beg, n_chunks, hv, n):
+    """Product of exp(G_C) over the last n chunks of a segment (F [NC, HV, 5, C], row 3 = exp(G_C));
+    chunk indices clamped into the segment, so a segment of n chunks or fewer reads only its own."""
+    first = c_beg + T.max(n_chunks - n, 0)
+    last = c_beg + n_chunks - 1
+    dec = F[T.min(first, last), hv, 3, 0]
+    for w in range(1, n):
+        dec = dec * F[T.min(first + w, last), hv, 3, 0]
+    return dec
+# Each warpgroup owns whole rows of S^T (its 64 state columns): no operand is shared across them.
+ROWS = T.GemmWarpPolicy.FullRow
 
 
 @tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True})
@@ -43,41 +69,44 @@ def forward_kernel(
     # task config
     H: int, HV: int, K: int, V: int, dtype: str,
     summary: bool = False, has_initial: bool = False, store_final: bool = True,
-    save_states: bool = False, l2norm: bool = False,
+    save_states: bool = False, gate_chunks: int = 0, emit_o: bool = True,
     # kernel config
-    BV: int = 64, threads: int = 256, num_stages: int = 2, async_mma: bool = True,
+    BV: int = 128, num_stages: int = 2,
 ):
-    """Grid (W / BV, HV, NS), W = V (or K + V in summary mode).
+    """Grid (W / BV, HV, NS), W = V (or K + V in summary mode); 2 * BV threads (+ TMA producer).
 
-    q, k [Tt, H, K], v [Tt, HV, V] dtype; Gc, Bc [NC, HV, C] fp32, A [NC, HV, C, C] dtype (prepare);
-    segs [NS, 5] int32 = (first token, end token, first chunk id, row of h0, row of ht or -1); h0 [NI, HV, K, W] fp32;
-    o [Tt, HV, V] dtype; ht [NF, HV, K, W] fp32; states [NC, HV, K, V] dtype (start state of every
-    chunk, for the backward); sc: the scale of q.
+    q, k [Tt, H, K], v [Tt, HV, V] dtype; Ai, P [NC, HV, C, C] dtype, F [NC, HV, 5, C] fp32 (prepare.py);
+    segs [NS, 5] int32 = (first token, end token, first chunk id, row of h0, row of
+    ht or -1); h0 [NI, HV, K, W] fp32;
+    o [Tt, HV, V] dtype ([1, HV, V] in summary mode: not written); ht [NF, HV, K, W] fp32; states [NH, HV, K, V] dtype (start state of every
+    chunk, for the backward).
     """
+    assert summary or not gate_chunks, "gate_chunks applies to the summary pass only"
     C = CHUNK
     GQ = HV // H
     W = K + V if summary else V
-    assert K % 16 == 0 and V % BV == 0 and W % BV == 0, (K, V, BV)
+    # A block of state columns is all M or all S_ext in summary mode (K % BV == 0).
+    assert BV in (64, 128) and V % BV == 0 and K % 64 == 0 and (K % BV == 0 or not summary), (K, V, BV)
     Tt, NC, NS, NI, NF, NH, To = T.dynamic("Tt, NC, NS, NI, NF, NH, To")
     acc = "float32"
+    assert emit_o or (save_states and not summary), "emit_o=False is the states-only walk"
+    out = emit_o and not summary
 
     @T.prim_func
     def kernel(
         q: T.Tensor((Tt, H, K), dtype),
         k: T.Tensor((Tt, H, K), dtype),
         v: T.Tensor((Tt, HV, V), dtype),
-        Gc: T.Tensor((NC, HV, C), acc),
-        Bc: T.Tensor((NC, HV, C), acc),
-        Rk: T.Tensor((NC, HV, C), acc),
-        A: T.Tensor((NC, HV, C, C), dtype),
+        Ai: T.Tensor((NC, HV, C, C), dtype),
+        P: T.Tensor((NC, HV, C, C), dtype),
+        F: T.Tensor((NC, HV, 5, C), acc),
         segs: T.Tensor((NS, 5), "int32"),
         h0: T.Tensor((NI, HV, K, W), acc),
-        sc: T.float32,
         o: T.Tensor((To, HV, V), dtype),     # To = Tt; 1 in summary mode (no o)
         ht: T.Tensor((NF, HV, K, W), acc),
         states: T.Tensor((NH, HV, K, V), dtype),
     ):
-        with T.Kernel(W // BV, HV, NS, threads=threads) as (bv, hv, s):
+        with T.Kernel(W // BV, HV, NS, threads=2 * BV) as (bv, hv, s):
             hk = hv // GQ
             t_beg = segs[s, 0]
             t_end = segs[s, 1]
@@ -85,151 +114,103 @@ def forward_kernel(
             row = segs[s, 3]
             out_row = segs[s, 4]
             col0 = bv * BV
-            # Summary mode: columns [0, K) are M (no values), [K, K + V) are S_ext.
-            vcol0 = col0 - K if summary else col0
+            # Summary mode: the M programs (col0 < K) have no values; they load v's first columns
+            # anyway (an unconditional TMA load keeps the pipeline's producer simple) and read zeros.
+            vcol0 = T.max(col0 - K, 0) if summary else col0
+            has_v = (col0 >= K) if summary else True
+            seg_chunks = T.ceildiv(t_end - t_beg, C)
+            if gate_chunks:
+                # Gate-driven (module docstring): a gated pair walks only its last gate_chunks chunks
+                # for S_ext, none for M, from a zero state.
+                gated = T.And(seg_chunks > gate_chunks,
+                              _window_decay(F, c_beg, seg_chunks, hv, gate_chunks) < GATE_DECAY)
+                first = T.if_then_else(gated, seg_chunks - gate_chunks, 0)
+                n_chunks = T.if_then_else(T.And(gated, T.Not(has_v)), 0, seg_chunks - first)
+            else:
+                gated = False
+                first = 0
+                n_chunks = seg_chunks
 
-            Q_s = T.alloc_shared((C, K), dtype)
             K_s = T.alloc_shared((C, K), dtype)
             V_s = T.alloc_shared((C, BV), dtype)
-            A_s = T.alloc_shared((C, C), dtype)
-            G_s = T.alloc_shared((C,), acc)
-            B_s = T.alloc_shared((C,), acc)
-            eg_s = T.alloc_shared((C,), acc)
-            ee_s = T.alloc_shared((C,), acc)
-            Rk_s = T.alloc_shared((C,), acc)
-            wb_s = T.alloc_shared((C,), acc)
-            rq_s = T.alloc_shared((C,), acc)
-            Ag_s = T.alloc_shared((C, C), dtype)
-            Wa_s = T.alloc_shared((C, C), dtype)
-            P_s = T.alloc_shared((C, C), dtype)
-            W_s = T.alloc_shared((C, K), dtype)
-            S_s = T.alloc_shared((K, BV), dtype)
-            Vd_s = T.alloc_shared((C, BV), dtype)
-            Vk_s = T.alloc_shared((C, BV), dtype)
-            O_s = T.alloc_shared((C, BV), dtype)
-            Qg_s = T.alloc_shared((C, K), dtype) if (async_mma and not summary) else None
+            Ai_s = T.alloc_shared((C, C), dtype)
+            F_s = T.alloc_shared((5, C), acc)
+            Q_s = T.alloc_shared((C, K), dtype) if out else None
+            P_s = T.alloc_shared((C, C), dtype) if out else None
+            O_s = T.alloc_shared((C, BV), dtype) if out else None
 
-            S = T.alloc_fragment((K, BV), acc)
-            W_f = T.alloc_fragment((C, K), acc)
-            U_f = T.alloc_fragment((C, BV), acc)
-            WS_f = T.alloc_fragment((C, BV), acc)
-            QK_f = T.alloc_fragment((C, C), acc)
-            O_f = T.alloc_fragment((C, BV), acc)
+            St = T.alloc_fragment((BV, K), acc)
+            Sb = T.alloc_fragment((BV, K), dtype)
+            Xt = T.alloc_fragment((BV, C), acc)
+            Yb = T.alloc_fragment((BV, C), dtype)
+            Kb = T.alloc_fragment((BV, C), dtype)
+            Ot = T.alloc_fragment((BV, C), acc) if out else None
+            Db = T.alloc_fragment((BV, C), dtype) if out else None
 
             if has_initial:
-                T.copy(h0[row, hv, :, col0:col0 + BV], S)
+                for j, d in T.Parallel(BV, K):
+                    St[j, d] = h0[row, hv, d, col0 + j]
             elif summary:
-                for i, j in T.Parallel(K, BV):
-                    S[i, j] = T.if_then_else(i == col0 + j, 1.0, 0.0)
+                for j, d in T.Parallel(BV, K):
+                    St[j, d] = T.if_then_else(gated, 0.0, T.if_then_else(d == col0 + j, 1.0, 0.0))
             else:
-                T.clear(S)
+                T.clear(St)
 
-            n_chunks = T.ceildiv(t_end - t_beg, C)
             for ic in T.Pipelined(n_chunks, num_stages=num_stages):
-                t0 = t_beg + ic * C
-                cid = c_beg + ic
+                t0 = t_beg + (first + ic) * C
+                cid = c_beg + first + ic
                 T.copy(k[t0:t0 + C, hk, :], K_s)
-                T.copy(A[cid, hv, :, :], A_s)
-                T.copy(Gc[cid, hv, :], G_s)
-                T.copy(Bc[cid, hv, :], B_s)
-                if l2norm:
-                    T.copy(Rk[cid, hv, :], Rk_s)
-                if not summary:
+                T.copy(Ai[cid, hv, :, :], Ai_s)
+                T.copy(F[cid, hv, :, :], F_s)
+                if out:
                     T.copy(q[t0:t0 + C, hk, :], Q_s)
-                if summary:
-                    if col0 >= K:
-                        T.copy(v[t0:t0 + C, hv, vcol0:vcol0 + BV], V_s)
-                    else:
-                        T.clear(V_s)
-                else:
-                    T.copy(v[t0:t0 + C, hv, vcol0:vcol0 + BV], V_s)
+                    T.copy(P[cid, hv, :, :], P_s)
+                T.copy(v[t0:t0 + C, hv, vcol0:vcol0 + BV], V_s)
 
-                # Per-row decay factors (G is in log2 units: exp2 of differences, each <= 1).
-                if l2norm:
-                    # Unit-norm q and k without rewriting them: k's 1 / ||k|| (Rk, from prepare)
-                    # scales the columns of Wa and P and the rows of Vk; q's (rq) the rows of Qg, P.
-                    if not summary:
-                        inv_row_norms(Q_s, rq_s)
-                    for i in T.Parallel(C):
-                        eg_s[i] = T.exp2(G_s[i])
-                        ee_s[i] = T.exp2(G_s[C - 1] - G_s[i]) * Rk_s[i]
-                        wb_s[i] = B_s[i] * Rk_s[i]
-                else:
-                    for i in T.Parallel(C):
-                        eg_s[i] = T.exp2(G_s[i])
-                        ee_s[i] = T.exp2(G_s[C - 1] - G_s[i])
-                        wb_s[i] = B_s[i]
-                # In-chunk factors from the gate-free inverse (not on the serial path).
-                for i, j in T.Parallel(C, C):
-                    Ag_s[i, j] = T.if_then_else(
-                        i >= j, A_s[i, j] * T.exp2(G_s[i] - G_s[j]) * B_s[j], 0.0)
-                    Wa_s[i, j] = T.if_then_else(i >= j, A_s[i, j] * eg_s[i] * wb_s[j], 0.0)
-                if async_mma:
-                    # Independent products are issued together and waited for once.
-                    if not summary:
-                        for i, d in T.Parallel(C, K):
-                            Qg_s[i, d] = Q_s[i, d] * (sc * eg_s[i] * (rq_s[i] if l2norm else 1.0))
-                    T.wgmma_gemm(Wa_s, K_s, W_f, clear_accum=True)
-                    T.wgmma_gemm(Ag_s, V_s, U_f, clear_accum=True)
-                    if not summary:
-                        T.wgmma_gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
-                    T.wait_wgmma(0)
-                else:
-                    T.gemm(Wa_s, K_s, W_f, clear_accum=True)
-                    T.gemm(Ag_s, V_s, U_f, clear_accum=True)
-                    if not summary:
-                        T.gemm(Q_s, K_s, QK_f, transpose_B=True, clear_accum=True)
-                T.copy(W_f, W_s)
-                if not summary:
-                    if l2norm:
-                        for i, j in T.Parallel(C, C):
-                            P_s[i, j] = T.if_then_else(
-                                i >= j, sc * rq_s[i] * Rk_s[j] * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
-                    else:
-                        for i, j in T.Parallel(C, C):
-                            P_s[i, j] = T.if_then_else(
-                                i >= j, sc * QK_f[i, j] * T.exp2(G_s[i] - G_s[j]), 0.0)
-
-                # Serial part.
-                T.copy(S, S_s)
+                for j, d in T.Parallel(BV, K):
+                    Sb[j, d] = St[j, d]
                 if save_states:
-                    T.copy(S_s, states[cid, hv, :, vcol0:vcol0 + BV])
-                if async_mma:
-                    T.wgmma_gemm(W_s, S_s, WS_f, clear_accum=True)
-                    if not summary:
-                        T.wgmma_gemm(Qg_s, S_s, O_f, clear_accum=True)
-                    T.wait_wgmma(0)
+                    for j, d in T.Parallel(BV, K):
+                        states[cid, hv, d, vcol0 + j] = Sb[j, d]
+                # Xt = S^T K^T and (off the chain) S^T Q^T, issued together. Only the async form
+                # (wgmma_gemm) is used where the tile it reads is read again by a later synchronous
+                # T.gemm: TileLang's pipeline hands a tile back to the TMA producer right after its
+                # last use is ISSUED, so a last use must be waited for (T.gemm) before that.
+                if out:
+                    T.wgmma_gemm(Sb, K_s, Xt, transpose_B=True, clear_accum=True, policy=ROWS)
+                    T.gemm(Sb, Q_s, Ot, transpose_B=True, clear_accum=True, policy=ROWS)
                 else:
-                    T.gemm(W_s, S_s, WS_f, clear_accum=True)
-                for i, j in T.Parallel(C, BV):
-                    U_f[i, j] = U_f[i, j] - WS_f[i, j]
-                T.copy(U_f, Vd_s)
-                for i, j in T.Parallel(C, BV):
-                    U_f[i, j] = U_f[i, j] * ee_s[i]
-                T.copy(U_f, Vk_s)
-                for i, j in T.Parallel(K, BV):
-                    S[i, j] = S[i, j] * eg_s[C - 1]
-                if async_mma:
-                    T.wgmma_gemm(K_s, Vk_s, S, transpose_A=True)
-                    if not summary:
-                        T.wgmma_gemm(P_s, Vd_s, O_f)
-                    T.wait_wgmma(0)
+                    T.gemm(Sb, K_s, Xt, transpose_B=True, clear_accum=True, policy=ROWS)
+                if summary:
+                    for j, t in T.Parallel(BV, C):
+                        Yb[j, t] = (T.if_then_else(has_v, V_s[t, j], T.cast(0, dtype)) - Xt[j, t] * F_s[0, t]) \
+                            * F_s[4, t]
                 else:
-                    T.gemm(K_s, Vk_s, S, transpose_A=True)
-
-                if not summary:
-                    if not async_mma:
-                        T.gemm(Q_s, S_s, O_f, clear_accum=True)
-                        for i, j in T.Parallel(C, BV):
-                            O_f[i, j] = O_f[i, j] * (sc * eg_s[i] * (rq_s[i] if l2norm else 1.0))
-                        T.gemm(P_s, Vd_s, O_f)
-                    T.copy(O_f, O_s)
-                    for i, j in T.Parallel(C, BV):
-                        if t0 + i < t_end:
-                            o[t0 + i, hv, vcol0 + j] = O_s[i, j]
+                    for j, t in T.Parallel(BV, C):
+                        Yb[j, t] = (V_s[t, j] - Xt[j, t] * F_s[0, t]) * F_s[4, t]
+                # Dt = Yt Ai^T (= Vd^T), reusing Xt's registers.
+                T.gemm(Yb, Ai_s, Xt, transpose_B=True, clear_accum=True, policy=ROWS)
+                for j, t in T.Parallel(BV, C):
+                    Kb[j, t] = Xt[j, t] * F_s[1, t]
+                if out:
+                    for j, t in T.Parallel(BV, C):
+                        Db[j, t] = Xt[j, t]
+                        Ot[j, t] = Ot[j, t] * F_s[2, t]
+                for j, d in T.Parallel(BV, K):
+                    St[j, d] = St[j, d] * F_s[3, 0]
+                T.gemm(Kb, K_s, St, policy=ROWS)
+                if out:
+                    T.gemm(Db, P_s, Ot, transpose_B=True, policy=ROWS)
+                if out:
+                    for j, t in T.Parallel(BV, C):
+                        O_s[t, j] = Ot[j, t]
+                    for t, j in T.Parallel(C, BV):
+                        if t0 + t < t_end:
+                            o[t0 + t, hv, vcol0 + j] = O_s[t, j]
 
             if store_final:
                 if out_row >= 0:
-                    T.copy(S, ht[out_row, hv, :, col0:col0 + BV])
+                    for j, d in T.Parallel(BV, K):
+                        ht[out_row, hv, d, col0 + j] = St[j, d]
 
     return kernel

@@ -1,0 +1,51 @@
+"""The autograd Function of the Hopper path: forward and backward both on the TileLang kernels.
+
+Forward: chunk.chunk_gated_delta_rule_fwd, keeping its ForwardSaved (chunk factors, segment starts).
+Backward: backward.chunk_gated_delta_rule_bwd on the same plan. Plans are built once per shape
+(chunk._make_plan's cache), so a forward + backward of fixed shapes does not wait on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backward import chunk_gated_delta_rule_bwd
+from .chunk import chunk_gated_delta_rule_fwd
+
+
+class HopperGatedDeltaRule(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens, l2norm, intra_cp):
+        o, ht, saved = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                                  cu_seqlens, l2norm, intra_cp=intra_cp, save_for_backward=True)
+        ctx.save_for_backward(q, k, v, g, beta)
+        ctx.saved = saved
+        ctx.l2norm = l2norm
+        ctx.has_initial = initial_state is not None
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.n_seqs = (cu_seqlens.numel() - 1) if cu_seqlens is not None else q.shape[0]
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*v.shape, dtype=q.dtype, device=q.device)
+        dq, dk, dv, dg, db, dh0 = chunk_gated_delta_rule_bwd(ctx.saved, q, k, v, g, beta, do, dht, ctx.l2norm,
+                                                             ctx.n_seqs)
+        ctx.saved = None
+        dh0 = dh0.to(ctx.initial_dtype) if ctx.has_initial else None
+        return (dq, dk, dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype), dh0) + (None,) * 5
+
+
+def run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+        intra_cp=None):
+    """The tilelang backend's entry: the Function when a backward will follow, else the forward alone."""
+    tensors = (q, k, v, g, beta, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return HopperGatedDeltaRule.apply(q, k, v, g, beta, initial_state, scale, output_final_state, cu_seqlens,
+                                          bool(use_qk_l2norm_in_kernel), intra_cp)
+    return chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                      use_qk_l2norm_in_kernel, intra_cp=intra_cp)

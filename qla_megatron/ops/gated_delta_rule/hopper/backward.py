@@ -1,0 +1,85 @@
+"""Backward of the Hopper path, on the forward's plan (chunk.py): the dual of its forward.
+
+    states    forward.py in states mode from the saved segment starts: every chunk's start state, bf16
+    summary   (intra-card CP) per segment with a predecessor: [M^T | dS_ext] (backward_dh.py, summary
+              mode), gate-driven where the decay over its first warmup_chunks chunks allows
+    compose   each segment's end adjoint, right to left: dS_end[j - 1] = M_j^T dS_end[j] + dS_ext_j,
+              from dht (compose.py with the backward walk)
+    walk      per (value block, v-head, segment): the adjoint dS chunk by chunk in reverse from the
+              segment's end adjoint: dv, every chunk's end adjoint (bf16), d(initial state)
+    grads     per (chunk, qk-head): dq, dk, dg, dbeta from the chunk's S and dS (backward_grads.py)
+
+What is saved and what recomputed (ForwardSaved, chunk.py): the chunk factors Ai, P, F are saved
+(276 bytes per token and v-head, bf16, K = V = 128), so no prepare runs in the backward; the per-chunk
+states are recomputed (saving them would cost K V 2 / 64 = 512 bytes per token and v-head, and the
+walk that recomputes them is the forward's cheapest pass). The states and adjoints live only during
+the backward: 2 x 512 bytes per token and v-head.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backward_dh import backward_dh_kernel
+from .backward_grads import backward_grads_kernel
+from .chunk import _DTYPES, ForwardSaved, bv_main, compose, empty, flat_inputs, forward
+
+
+def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False, gate_chunks=0,
+                dstates=None):
+    """Launch backward_dh_kernel over `segs`. Main mode: returns (dv [Tt, HV, V], dh0 [n_final, HV, K, V]
+    or None) and fills dstates [NC, HV, K, V]; summary mode: returns (None, [n_final, HV, K, K + V])."""
+    Tt, H, K = k.shape
+    HV, V = do.shape[1], do.shape[2]
+    W = K + V if summary else V
+    kern = backward_dh_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_terminal=dht is not None,
+                              gate_chunks=gate_chunks, BV=bv_main(V))
+    dummy = torch.empty(1, HV, K, W, dtype=torch.float32, device=q.device)
+    dh0 = empty(n_final, HV, K, W, dtype=torch.float32, device=q.device) if n_final else dummy
+    dv = q.new_empty(1, HV, V) if summary else empty(Tt, HV, V, dtype=q.dtype, device=q.device)
+    ds = dstates if dstates is not None else q.new_empty(1, HV, K, V)
+    kern(q, k, do, Ai, P, F, segs, dht if dht is not None else dummy, dv, ds, dh0)
+    return (None if summary else dv), (dh0 if n_final else None)
+
+
+def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, scale, l2norm):
+    """Launch backward_grads_kernel. Returns dq, dk [Tt, H, K] dtype and dg, dbeta [Tt, HV] fp32."""
+    Tt, H, K = k.shape
+    HV, V = v.shape[1], v.shape[2]
+    kern = backward_grads_kernel(H, HV, K, V, _DTYPES[k.dtype], l2norm=l2norm)
+    dq = empty(Tt, H, K, dtype=q.dtype, device=q.device)
+    dk = empty(Tt, H, K, dtype=q.dtype, device=q.device)
+    dg = empty(Tt, HV, dtype=torch.float32, device=q.device)
+    db = empty(Tt, HV, dtype=torch.float32, device=q.device)
+    kern(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, float(scale), dq, dk, dg, db)
+    return dq, dk, dg, db
+
+
+def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: Optional[torch.Tensor],
+                               use_qk_l2norm_in_kernel: bool, n_seqs: int):
+    """Gradients of the Hopper forward that produced `saved`, for the output gradient do [B, T, HV, V]
+    and the final-state gradient dht [N, HV, K, V] (None: zero). Returns dq, dk, dv, dg, dbeta (in the
+    shapes of q, k, v, g, beta; dg, dbeta fp32) and dh0 [N, HV, K, V] fp32."""
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    plan, cfg = saved.plan, saved.config
+    qf, kf, vf, gf, bf = flat_inputs(q, k, v, g, beta)
+    dof = do.reshape(B * T, HV, V).to(q.dtype).contiguous()
+    dht = dht.float().contiguous() if dht is not None else None
+
+    states = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
+    forward(qf, kf, vf, saved.Ai, saved.P, saved.F, plan.segs, h0=saved.starts, states=states, emit_o=False)
+    if plan.bsum_segs is not None:
+        NSS = plan.bsum_segs.shape[0]
+        _, bsumm = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsum_segs, n_final=NSS,
+                               summary=True, gate_chunks=cfg.warmup_chunks if cfg.mode == "gate" else 0)
+        dht = compose(plan.bwalk, bsumm, dht, plan.NS)
+    dstates = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
+    dv, dh0 = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht, n_final=n_seqs,
+                          dstates=dstates)
+    dq, dk, dg, db = backward_grads(qf, kf, vf, dof, gf, bf, plan.chunks, saved.Ai, saved.P, states, dstates,
+                                    saved.scale, bool(use_qk_l2norm_in_kernel))
+    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, HV, V), dg.view(B, T, HV),
+            db.view(B, T, HV), dh0)

@@ -1,0 +1,298 @@
+"""Input gradients of every chunk at once, from the chunk's start state S and the adjoint dS of its
+end state (forward.py's states mode and backward_dh.py): dq, dk, dg, dbeta (dv and d(initial
+state) come out of the adjoint walk).
+
+One program per (chunk, qk-head), 256 threads; it walks the v-heads of its qk-head one after another
+and sums their dq, dk in registers: grouped value heads reduce without atomics, deterministic.
+
+Per v-head (C = 64 tokens; Kn, Qn the l2-normalised k, q rows, in bf16 like the forward reads them;
+gam = exp(G), e = exp(G_C - G), gC = exp(G_C), Gamma_ij = exp(G_i - G_j) for i >= j, each the exp of
+a difference of cumulative log-gates, so strong decay underflows to 0 instead of forming 0/0;
+Ai = Gamma . A (prepare.py), b = beta, sc the scale):
+
+    forward, rebuilt        KS = Kn S,  QS = Qn S,  Y = V - diag(gam) KS,  Vd = Ai diag(b) Y
+    adjoints                dVd = P^T dO + diag(e) Kn dS,   T = Ai^T dVd,   dY = diag(b) T (= dv)
+    inverse, no 64^3 chain  dLg = -StrictLower(T Vd^T)     (= -Ai^T dAi Ai^T, as Ai Y~ = Vd)
+    q, k                    dQn = sc diag(gam) dO S^T + sc (Gamma . dP) Kn,   dP = Lower(dO Vd^T)
+                            dKn = sc (Gamma . dP)^T Qn - diag(gam b) T S^T + diag(e) Vd dS^T
+                                  + (dKK + dKK^T) Kn,    dKK = dLg . diag(b) Gamma  (strict lower)
+    beta                    db = rowsum(T . Y) + rowsum(dLg . Gamma . Kn Kn^T)
+    gate (fp32)             dG_i = sc gam_i <dO_i, QS_i> - gam_i b_i <T_i, KS_i>
+                                   + rowsum_i(MG) - colsum_i(MG),   MG = StrictLower(dLg . Lg + dP . P)
+                            dg_t = sum_{i >= t} dG_i + gC <S, dS> + sum_{i < t} e_i <Kn dS, Vd>_i
+
+(e_i = exp(G_C - G_i) with G_C = G_{C-1} = sum of the chunk's g: its derivative in g_t is e_i
+[i < t], an exclusive prefix sum; gC's is gC for every t.)
+
+Lg = diag(b) (Gamma . Kn Kn^T) strictly lower, P = sc Gamma . Qn Kn^T (prepare.py). With l2norm,
+dq = Rq (dQn - Qn <Qn, dQn>) (Rq = 1 / ||q||; the same for k). Pad rows (past a sequence's end) are
+loaded as 0, so they contribute nothing (G is flat over them, so G_C = G of the last valid token).
+"""
+
+import tilelang
+import tilelang.language as T
+
+CHUNK = 64
+LOG2E = 1.4426950408889634
+
+
+@tilelang.jit(pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
+def backward_grads_kernel(
+    # task config
+    H: int, HV: int, K: int, V: int, dtype: str, l2norm: bool = True,
+    # kernel config
+    threads: int = 256,
+):
+    """Grid (NC, H), `threads` threads.
+
+    q, k [Tt, H, K], v, do [Tt, HV, V] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first
+    token, valid tokens); Ai, P [NC, HV, C, C] dtype (prepare.py); states, dstates [NC, HV, K, V]
+    dtype: every chunk's start state and the adjoint of its end state; sc the scale of q.
+    Writes dq, dk [Tt, H, K] dtype and dg, dbeta [Tt, HV] fp32, every valid token once.
+    """
+    C = CHUNK
+    GQ = HV // H
+    assert K == 2 * C and V == K, "K = V = 128: the <S, dS> fold, and [C, K] products in [C, V] fragments"
+    Tt, NC = T.dynamic("Tt, NC")
+    acc = "float32"
+
+    @T.prim_func
+    def kernel(
+        q: T.Tensor((Tt, H, K), dtype),
+        k: T.Tensor((Tt, H, K), dtype),
+        v: T.Tensor((Tt, HV, V), dtype),
+        do: T.Tensor((Tt, HV, V), dtype),
+        g: T.Tensor((Tt, HV), acc),
+        beta: T.Tensor((Tt, HV), acc),
+        chunks: T.Tensor((NC, 2), "int32"),
+        Ai: T.Tensor((NC, HV, C, C), dtype),
+        P: T.Tensor((NC, HV, C, C), dtype),
+        states: T.Tensor((NC, HV, K, V), dtype),
+        dstates: T.Tensor((NC, HV, K, V), dtype),
+        sc: T.float32,
+        dq: T.Tensor((Tt, H, K), dtype),
+        dk: T.Tensor((Tt, H, K), dtype),
+        dg: T.Tensor((Tt, HV), acc),
+        dbeta: T.Tensor((Tt, HV), acc),
+    ):
+        with T.Kernel(NC, H, threads=threads) as (ic, hk):
+            t0 = chunks[ic, 0]
+            n = chunks[ic, 1]
+            tx = T.get_thread_binding()
+
+            Qn_s = T.alloc_shared((C, K), dtype)
+            Kn_s = T.alloc_shared((C, K), dtype)
+            S_s = T.alloc_shared((K, V), dtype)
+            dS_s = T.alloc_shared((K, V), dtype)
+            V_s = T.alloc_shared((C, V), dtype)
+            dO_s = T.alloc_shared((C, V), dtype)
+            X_s = T.alloc_shared((C, V), dtype)       # Y, then dVd, then T
+            Vd_s = T.alloc_shared((C, V), dtype)
+            Ai_s = T.alloc_shared((C, C), dtype)
+            P_s = T.alloc_shared((C, C), dtype)
+            M1_s = T.alloc_shared((C, C), dtype)      # Ai diag(b), then sc Gamma . dP
+            dKK_s = T.alloc_shared((C, C), dtype)
+            G_s = T.alloc_shared((C,), acc)           # cumulative gate (natural units)
+            g_raw = T.alloc_shared((C,), acc)
+            b_s = T.alloc_shared((C,), acc)
+            dG_s = T.alloc_shared((C,), acc)
+            ed_s = T.alloc_shared((C,), acc)          # e_i <Kn dS, Vd>_i
+            sd_s = T.alloc_shared((C,), acc)          # row sums of S . dS
+            rq_s = T.alloc_shared((C,), acc)
+            rk_s = T.alloc_shared((C,), acc)
+
+            raw = T.alloc_fragment((C, K), acc)
+            sq = T.alloc_fragment((C,), acc)
+            kk = T.alloc_fragment((C, C), acc)
+            dQn = T.alloc_fragment((C, K), acc)
+            dKn = T.alloc_fragment((C, K), acc)
+            F1 = T.alloc_fragment((C, V), acc)
+            F2 = T.alloc_fragment((C, V), acc)
+            F3 = T.alloc_fragment((C, V), acc)
+            W1 = T.alloc_fragment((C, V), acc)
+            R1 = T.alloc_fragment((C, C), acc)
+            R2 = T.alloc_fragment((C, C), acc)
+            MG = T.alloc_fragment((C, C), acc)
+            # Row / column sums, one fragment each (a reduction's output takes its source's layout).
+            r_qs = T.alloc_fragment((C,), acc)       # <dO_i, QS_i>
+            r_ed = T.alloc_fragment((C,), acc)       # <Kn dS, Vd>_i
+            r_ty = T.alloc_fragment((C,), acc)       # <T_i, Y_i>
+            r_tk = T.alloc_fragment((C,), acc)       # <T_i, KS_i>
+            r_lb = T.alloc_fragment((C,), acc)       # dbeta through Lg
+            r_mr = T.alloc_fragment((C,), acc)       # row sums of MG
+            r_mc = T.alloc_fragment((C,), acc)       # column sums of MG
+            r_sd = T.alloc_fragment((C,), acc)       # S . dS, K rows folded onto C
+            db_s = T.alloc_shared((C,), acc)
+            run = T.alloc_local((1,), acc)
+
+            # l2-normalised q, k rows (pad rows 0), in bf16 like the forward's operands.
+            for i, d in T.Parallel(C, K):
+                raw[i, d] = T.if_then_else(i < n, T.cast(q[t0 + i, hk, d], acc), 0.0)
+            if l2norm:
+                for i, d in T.Parallel(C, K):
+                    dQn[i, d] = raw[i, d] * raw[i, d]
+                T.reduce_sum(dQn, sq, dim=1)
+                for i in T.Parallel(C):
+                    rq_s[i] = T.rsqrt(sq[i] + 1e-6)
+            else:
+                for i in T.Parallel(C):
+                    rq_s[i] = 1.0
+            for i, d in T.Parallel(C, K):
+                Qn_s[i, d] = T.cast(raw[i, d] * rq_s[i], dtype)
+            for i, d in T.Parallel(C, K):
+                raw[i, d] = T.if_then_else(i < n, T.cast(k[t0 + i, hk, d], acc), 0.0)
+            if l2norm:
+                for i, d in T.Parallel(C, K):
+                    dKn[i, d] = raw[i, d] * raw[i, d]
+                T.reduce_sum(dKn, sq, dim=1)
+                for i in T.Parallel(C):
+                    rk_s[i] = T.rsqrt(sq[i] + 1e-6)
+            else:
+                for i in T.Parallel(C):
+                    rk_s[i] = 1.0
+            for i, d in T.Parallel(C, K):
+                Kn_s[i, d] = T.cast(raw[i, d] * rk_s[i], dtype)
+            T.gemm(Kn_s, Kn_s, kk, transpose_B=True, clear_accum=True)
+            T.clear(dQn)
+            T.clear(dKn)
+
+            for hi in T.serial(GQ):
+                hv = hk * GQ + hi
+                for i in T.Parallel(C):
+                    g_raw[i] = T.if_then_else(i < n, g[t0 + i, hv], 0.0)
+                    b_s[i] = T.if_then_else(i < n, beta[t0 + i, hv], 0.0)
+                T.copy(states[ic, hv, :, :], S_s)
+                T.copy(dstates[ic, hv, :, :], dS_s)
+                for i, d in T.Parallel(C, V):
+                    V_s[i, d] = T.if_then_else(i < n, v[t0 + i, hv, d], T.cast(0, dtype))
+                    dO_s[i, d] = T.if_then_else(i < n, do[t0 + i, hv, d], T.cast(0, dtype))
+                T.copy(Ai[ic, hv, :, :], Ai_s)
+                T.copy(P[ic, hv, :, :], P_s)
+                # Inclusive prefix sum of g, one token a thread, in a fixed order (masked terms +0).
+                if tx < C:
+                    run[0] = 0.0
+                    for j in T.unroll(C):
+                        run[0] = run[0] + T.if_then_else(j <= tx, g_raw[j], 0.0)
+                    G_s[tx] = run[0]
+
+                # Forward terms: KS, QS, Y, Vd.
+                T.gemm(Kn_s, S_s, F1, clear_accum=True)
+                T.gemm(Qn_s, S_s, F2, clear_accum=True)
+                for i, d in T.Parallel(C, V):
+                    W1[i, d] = T.cast(dO_s[i, d], acc) * F2[i, d]
+                T.reduce_sum(W1, r_qs, dim=1)
+                for i in T.Parallel(C):
+                    dG_s[i] = sc * T.exp2(G_s[i] * LOG2E) * r_qs[i]
+                for i, d in T.Parallel(C, V):
+                    X_s[i, d] = T.cast(T.cast(V_s[i, d], acc) - T.exp2(G_s[i] * LOG2E) * F1[i, d], dtype)
+                for i, j in T.Parallel(C, C):
+                    M1_s[i, j] = T.cast(T.cast(Ai_s[i, j], acc) * b_s[j], dtype)
+                T.gemm(M1_s, X_s, F2, clear_accum=True)        # Vd
+                for i, d in T.Parallel(C, V):
+                    Vd_s[i, d] = T.cast(F2[i, d], dtype)
+
+                # dVd = P^T dO + diag(e) Kn dS; <Kn dS, Vd> for the gate first.
+                T.gemm(Kn_s, dS_s, F3, clear_accum=True)
+                for i, d in T.Parallel(C, V):
+                    W1[i, d] = F3[i, d] * F2[i, d]
+                T.reduce_sum(W1, r_ed, dim=1)
+                for i in T.Parallel(C):
+                    ed_s[i] = r_ed[i] * T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)   # e_i <Kn dS, Vd>_i
+                for i, d in T.Parallel(C, V):
+                    F3[i, d] = F3[i, d] * T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)
+                T.gemm(P_s, dO_s, F3, transpose_A=True)
+                for i, d in T.Parallel(C, V):
+                    X_s[i, d] = T.cast(F3[i, d], dtype)
+                # T = Ai^T dVd
+                T.gemm(Ai_s, X_s, F3, transpose_A=True, clear_accum=True)
+                for i, d in T.Parallel(C, V):
+                    W1[i, d] = F3[i, d] * (T.cast(V_s[i, d], acc) - T.exp2(G_s[i] * LOG2E) * F1[i, d])
+                T.reduce_sum(W1, r_ty, dim=1)         # dbeta through Vd's diag(b)
+                for i, d in T.Parallel(C, V):
+                    W1[i, d] = F3[i, d] * F1[i, d]
+                T.reduce_sum(W1, r_tk, dim=1)
+                for i in T.Parallel(C):
+                    dG_s[i] = dG_s[i] - T.exp2(G_s[i] * LOG2E) * b_s[i] * r_tk[i]
+                    db_s[i] = r_ty[i]
+                for i, d in T.Parallel(C, V):
+                    X_s[i, d] = T.cast(F3[i, d], dtype)
+
+                # The in-chunk matrices: dLg from T Vd^T, dP from dO Vd^T.
+                T.gemm(X_s, Vd_s, R1, transpose_B=True, clear_accum=True)
+                T.gemm(dO_s, Vd_s, R2, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    gam_ij = T.if_then_else(i >= j, T.exp2((G_s[i] - G_s[j]) * LOG2E), 0.0)
+                    dlg = T.if_then_else(i > j, -R1[i, j], 0.0)
+                    dp = T.if_then_else(i >= j, R2[i, j], 0.0)
+                    dKK_s[i, j] = T.cast(dlg * b_s[i] * gam_ij, dtype)
+                    M1_s[i, j] = T.cast(sc * gam_ij * dp, dtype)
+                    R1[i, j] = dlg * gam_ij * kk[i, j]                         # dbeta through Lg
+                    # dLg . Lg + dP . P off the diagonal: Gamma_ii = 1 has no gate derivative, and its
+                    # O(1) entry would enter the row sum and the column sum only to cancel (the fp32
+                    # rounding of that difference is what remains where the decay makes dg ~ 0).
+                    MG[i, j] = T.if_then_else(i > j, R1[i, j] * b_s[i] + dp * T.cast(P_s[i, j], acc), 0.0)
+                T.reduce_sum(R1, r_lb, dim=1)
+                for i in T.Parallel(C):
+                    db_s[i] = db_s[i] + r_lb[i]
+                T.reduce_sum(MG, r_mr, dim=1)
+                for i in T.Parallel(C):
+                    dG_s[i] = dG_s[i] + r_mr[i]
+                T.reduce_sum(MG, r_mc, dim=0)
+                for j in T.Parallel(C):
+                    dG_s[j] = dG_s[j] - r_mc[j]
+                # The chunk-end gate gC <S, dS>, which every token gets: here the row sums of S . dS
+                # (K = 2 C rows folded onto C), added up in the dg loop below.
+                for i, d in T.Parallel(C, V):
+                    W1[i, d] = T.cast(S_s[i, d], acc) * T.cast(dS_s[i, d], acc) \
+                        + T.cast(S_s[i + C, d], acc) * T.cast(dS_s[i + C, d], acc)
+                T.reduce_sum(W1, r_sd, dim=1)
+                for i in T.Parallel(C):
+                    sd_s[i] = r_sd[i]
+
+                # dq, dk contributions of this v-head.
+                T.gemm(dO_s, S_s, F1, transpose_B=True, clear_accum=True)   # dO S^T  [C, K]
+                for i, d in T.Parallel(C, K):
+                    dQn[i, d] = dQn[i, d] + sc * T.exp2(G_s[i] * LOG2E) * F1[i, d]
+                T.gemm(M1_s, Kn_s, dQn)
+                T.gemm(X_s, S_s, F1, transpose_B=True, clear_accum=True)    # T S^T
+                for i, d in T.Parallel(C, K):
+                    dKn[i, d] = dKn[i, d] - T.exp2(G_s[i] * LOG2E) * b_s[i] * F1[i, d]
+                T.gemm(Vd_s, dS_s, F1, transpose_B=True, clear_accum=True)  # Vd dS^T
+                for i, d in T.Parallel(C, K):
+                    dKn[i, d] = dKn[i, d] + T.exp2((G_s[C - 1] - G_s[i]) * LOG2E) * F1[i, d]
+                T.gemm(M1_s, Qn_s, dKn, transpose_A=True)
+                T.gemm(dKK_s, Kn_s, dKn)
+                T.gemm(dKK_s, Kn_s, dKn, transpose_A=True)
+
+                # dg_t = sum_{j >= t} dG_j + gC <S, dS> + sum_{j < t} e_j <Kn dS, Vd>_j (module
+                # docstring: the e terms enter as an exclusive prefix sum, not as a total minus a
+                # suffix, which would cancel catastrophically where e_t ~ 1 and dg_t ~ 0); dbeta.
+                for i in T.Parallel(C):
+                    if i < n:
+                        dbeta[t0 + i, hv] = db_s[i]
+                if tx < C:
+                    run[0] = 0.0
+                    for j in T.unroll(C):
+                        run[0] = run[0] + T.if_then_else(j >= tx, dG_s[j], T.if_then_else(j < tx, ed_s[j], 0.0)) \
+                            + sd_s[j] * T.exp2(G_s[C - 1] * LOG2E)
+                    if tx < n:
+                        dg[t0 + tx, hv] = run[0]
+
+            # Through the l2norm: dx = R (dXn - Xn <Xn, dXn>).
+            if l2norm:
+                for i, d in T.Parallel(C, K):
+                    raw[i, d] = T.cast(Qn_s[i, d], acc) * dQn[i, d]
+                T.reduce_sum(raw, sq, dim=1)
+                for i, d in T.Parallel(C, K):
+                    dQn[i, d] = rq_s[i] * (dQn[i, d] - T.cast(Qn_s[i, d], acc) * sq[i])
+                for i, d in T.Parallel(C, K):
+                    raw[i, d] = T.cast(Kn_s[i, d], acc) * dKn[i, d]
+                T.reduce_sum(raw, sq, dim=1)
+                for i, d in T.Parallel(C, K):
+                    dKn[i, d] = rk_s[i] * (dKn[i, d] - T.cast(Kn_s[i, d], acc) * sq[i])
+            for i, d in T.Parallel(C, K):
+                if i < n:
+                    dq[t0 + i, hk, d] = T.cast(dQn[i, d], dtype)
+                    dk[t0 + i, hk, d] = T.cast(dKn[i, d], dtype)
+
+    return kernel
