@@ -12,8 +12,8 @@
 #           (--mock-data or --data-path PREFIX plus your tokenizer), --train-iters, --save, ...
 #
 # GPUs: TP x CP; above 8 the job spans ceil(TP x CP / 8) nodes: run the same command on each
-# node with --rdzv-endpoint of the first. CP > 1 runs the attention layers on Transformer
-# Engine's context-parallel attention (the recipe refuses it, with the reason, without TE).
+# node with --rdzv-endpoint of the first. With CP > 1 the GDN layers pass states between CP ranks
+# and the attention layers all-gather keys and values (SDPA attention; TE's own with TE).
 # Examples:
 #   bash examples/launch/pretrain.sh 4b 1 32k --mock-data --train-iters 20     # one H200
 #   bash examples/launch/pretrain.sh 27b 8 32k --mock-data --train-iters 20    # one 8-GPU node
@@ -59,7 +59,6 @@ if [ "$tp" -gt "$groups" ]; then
   echo "pretrain.sh: --num-query-groups raised from $groups to $tp for TP $tp" >&2
   flags+=(--num-query-groups "$tp")
 fi
-[ "$cp" -gt 1 ] && flags+=(--spec-backend transformer_engine --core-attention megatron)
 
 launcher=(torchrun --nproc-per-node "$per_node")
 if [ "$nodes" -gt 1 ]; then

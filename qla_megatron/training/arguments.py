@@ -131,15 +131,12 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
                              f"(= {'2 x ' if unit == 2 * cp else ''}--context-parallel-size {cp}, "
                              f"{args.cp_layout} layout)")
     if cp > 1:
-        if not _have_te():
-            raise ValueError(f"--context-parallel-size {cp} needs Transformer Engine's attention for the "
-                             f"attention layers (megatron-core's local attention and our SDPA one have no "
-                             f"context parallelism), and transformer_engine does not import here")
         from .model import uses_sdpa
 
-        if uses_sdpa(args):
-            raise ValueError(f"--context-parallel-size {cp}: --core-attention sdpa has no context "
-                             f"parallelism; use --spec-backend transformer_engine --core-attention megatron")
+        if not uses_sdpa(args) and not _have_te():
+            raise ValueError(f"--context-parallel-size {cp} with --core-attention megatron needs Transformer "
+                             f"Engine's attention (megatron-core's local attention has no context "
+                             f"parallelism), and transformer_engine does not import: use --core-attention sdpa")
     if args.spec_backend == "transformer_engine" and not _have_te():
         raise ValueError("--spec-backend transformer_engine: transformer_engine does not import here "
                          "(use --spec-backend local or auto)")

@@ -20,6 +20,8 @@ On top of `qla_megatron.layers.cpu_compat.enable_megatron_on_cpu` (the megatron-
   where Megatron drops that requirement;
 * megatron-core's tensor-parallel linear layers advise CUDA_DEVICE_MAX_CONNECTIONS=1 (a CUDA
   setting) at every TP > 1 run: that warning is dropped on the CPU;
+* rotary embeddings under context parallelism pick this rank's zigzag positions with an index
+  tensor pinned and moved to CUDA: `_pos_emb_on_this_cp_rank` does the same selection on the CPU;
 * gradient clipping asserts that every gradient is a 'torch.cuda.FloatTensor': its CPU twin
   `_clip_grad_by_total_norm_fp32` scales the same gradients by the same coefficient.
 
@@ -131,6 +133,17 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         g.mul_(coeff)
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """megatron-core's get_pos_emb_on_this_cp_rank on the CPU: the chunks r and 2 cp - 1 - r of 2 cp."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp, r = cp_group.size(), cp_group.rank()
+    index = torch.tensor([r, 2 * cp - r - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
 def enable_megatron_training_on_cpu() -> None:
     """Patch megatron-core and megatron.training for a CPU-only torch (idempotent)."""
     global _ENABLED
@@ -157,6 +170,11 @@ def enable_megatron_training_on_cpu() -> None:
     import megatron.core.optimizer.optimizer as optimizer
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+    import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary
+
+    rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    rotary.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     for name in _CUDA_MODULES:

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from qla_megatron.training.compat import enable_megatron_training_on_cpu
+from qla_megatron.training.compat import allow_megatron_training_import, enable_megatron_training_on_cpu
+
+allow_megatron_training_import()  # megatron.training imports typing.override (Python 3.12)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "examples", "configs", "tiny_cpu.args")

@@ -24,7 +24,7 @@ CONFIGS = os.path.join(ROOT, "examples", "configs")
                   "--max-position-embeddings", "250"), r"--seq-length \(250\) must be divisible by 4", id="seq-CP-contiguous"),
     pytest.param(("--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "255",
                   "--max-position-embeddings", "255"), r"--seq-length / CP must be divisible by TP", id="seq-SP"),
-    pytest.param(("--lr-warmup-iters", "40"), r"--lr-warmup-iters \(40\) must be below", id="warmup"),
+    pytest.param(("--lr-warmup-iters", "60"), r"--lr-warmup-iters \(60\) must be below", id="warmup"),
     pytest.param(("--save", "/nonexistent/ckpt", "--save-interval", "0"), r"--save .* needs --save-interval", id="save-interval"),
 ])
 def test_bad_arguments(extra, match):
@@ -57,10 +57,11 @@ def test_config_file_is_overridden_by_the_command_line():
     assert args.hidden_size == 64 and args.ffn_hidden_size == 192 and args.num_layers == 4
 
 
-def test_context_parallel_needs_te_attention():
+def test_context_parallel_with_megatron_local_attention_is_refused():
     from qla_megatron.layers.specs import have_transformer_engine
 
     if have_transformer_engine():
         pytest.skip("Transformer Engine is installed here")
-    with pytest.raises(ValueError, match=r"--context-parallel-size 2 needs Transformer Engine's attention"):
-        recipe_args("--context-parallel-size", "2")
+    with pytest.raises(ValueError, match=r"--context-parallel-size 2 with --core-attention megatron needs "
+                                         r"Transformer Engine's attention"):
+        recipe_args("--context-parallel-size", "2", "--core-attention", "megatron")

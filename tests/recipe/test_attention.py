@@ -37,3 +37,48 @@ def test_sdpa_matches_megatron_local_attention(heads, groups, seq):
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+
+
+def _cp_rank(rank, world_size, heads, groups, seq, seed):
+    from qla_megatron.training.compat import enable_megatron_training_on_cpu
+
+    enable_megatron_training_on_cpu()
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from qla_megatron.training.attention import SDPACoreAttention
+    from tests.layers.mcore_setup import gdn_config
+
+    parallel_state.initialize_model_parallel(context_parallel_size=world_size)
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    kw = dict(num_attention_heads=heads, num_query_groups=groups, kv_channels=16)
+    full = SDPACoreAttention(gdn_config(**kw), 1, AttnMaskType.causal, "self", pg_collection=pg)
+    full.cp_group = None  # the single-GPU reference on the whole sequence
+    sharded = SDPACoreAttention(gdn_config(context_parallel_size=world_size, **kw), 1, AttnMaskType.causal,
+                                "self", pg_collection=pg)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(seq, 2, n, 16, generator=gen, dtype=torch.float64) for n in (heads, groups, groups))
+    dout = torch.randn(seq, 2, heads * 16, generator=gen, dtype=torch.float64)
+
+    def zigzag(x):  # this rank's chunks r and 2 cp - 1 - r, as Megatron's get_batch_on_this_cp_rank
+        c = x.chunk(2 * world_size)
+        return torch.cat([c[rank], c[2 * world_size - 1 - rank]])
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = full(*leaves, None)
+    out.backward(dout)
+    local = [zigzag(t).clone().requires_grad_() for t in (q, k, v)]
+    out_cp = sharded(*local, None)
+    out_cp.backward(zigzag(dout))
+    torch.testing.assert_close(out_cp, zigzag(out), rtol=1e-10, atol=1e-10)
+    for g, ref in zip((t.grad for t in local), (zigzag(t.grad) for t in leaves)):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("heads,groups,seq", [pytest.param(4, 2, 36, id="GQA-T36")])
+def test_sdpa_context_parallel_matches_whole_sequence(heads, groups, seq, fresh_seed):
+    from tests.layers.spawn import run_on_ranks
+
+    run_on_ranks(2, _cp_rank, heads, groups, seq, fresh_seed)
