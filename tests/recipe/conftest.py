@@ -36,6 +36,11 @@ def build_tiny_model(args):
                        pg_collection=ProcessGroupCollection.use_mpu_process_groups())
 
 
-@pytest.fixture
-def tiny_args():
-    return recipe_args
+@pytest.fixture(scope="session")
+def mock_run(tmp_path_factory):
+    """The log of one uninterrupted one-rank run of runs.SMALL on --mock-data (6 iterations, saves
+    every 2, time breakdown on), shared by the tests that compare other runs with it."""
+    from .runs import run_recipe
+
+    save = tmp_path_factory.mktemp("mock_run")
+    return run_recipe("--mock-data", "--save-interval", "2", "--save", str(save), "--time-breakdown")
