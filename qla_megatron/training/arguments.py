@@ -64,8 +64,6 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="core attention of the attention layers: sdpa (torch's flash / memory-efficient "
                         "kernels), megatron (the spec's own: TE's, or the local one that forms the s x s "
                         "scores); auto = sdpa on local modules, TE's with Transformer Engine")
-    g.add_argument("--cp-layout", choices=("zigzag", "contiguous"), default="zigzag",
-                   help="sequence layout of context-parallel shards (zigzag: Megatron's load balance)")
     g.add_argument("--intra-cp", choices=("on", "off"), default="on",
                    help="intra-card context parallelism of the Hopper kernels")
     g.add_argument("--intra-cp-segment", type=int, default=None,
@@ -125,12 +123,11 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
         raise ValueError(f"--linear-num-value-heads ({args.linear_num_value_heads}) must be a multiple of "
                          f"--linear-num-key-heads ({args.linear_num_key_heads})")
     if cp > 1:
-        unit = 2 * cp if args.cp_layout == "zigzag" else cp
-        if args.seq_length % unit != 0:
-            raise ValueError(f"--seq-length ({args.seq_length}) must be divisible by {unit} "
-                             f"(= {'2 x ' if unit == 2 * cp else ''}--context-parallel-size {cp}, "
-                             f"{args.cp_layout} layout)")
-    if cp > 1:
+        # Megatron's batch split (get_batch_on_this_cp_rank) gives each CP rank two of 2 CP chunks
+        # (zigzag); the GDN layers and the SDPA attention take that layout.
+        if args.seq_length % (2 * cp) != 0:
+            raise ValueError(f"--seq-length ({args.seq_length}) must be divisible by {2 * cp} "
+                             f"(= 2 x --context-parallel-size {cp}: two zigzag chunks per CP rank)")
         from .model import uses_sdpa
 
         if not uses_sdpa(args) and not _have_te():
@@ -147,7 +144,7 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
         paths = args.data_path or []
         if not paths:
             raise ValueError("--data-path is required (or --mock-data): the prefix of an indexed "
-                             "dataset, e.g. data/corpus_text_document (make run builds one)")
+                             "dataset, e.g. build/recipe/corpus_text_document (make run builds one)")
         for prefix in paths:
             if _is_number(prefix):  # blend weights sit between the prefixes
                 continue

@@ -42,8 +42,7 @@ def uses_sdpa(args) -> bool:
 
 
 def hybrid_block_spec(config, args, vp_stage=None):
-    """The decoder block spec for --gdn-impl, --gdn-backend, --spec-backend, --core-attention and
-    --cp-layout."""
+    """The decoder block spec for --gdn-impl, --gdn-backend, --spec-backend and --core-attention."""
     backend = None if args.spec_backend == "auto" else args.spec_backend
     block = get_hybrid_block_spec(config, backend=backend, op_backend=args.gdn_backend, vp_stage=vp_stage)
     sdpa = uses_sdpa(args)
@@ -58,8 +57,8 @@ def hybrid_block_spec(config, args, vp_stage=None):
 
                 layer = _with_gdn(layer, MegatronGDN, {})
             else:
-                layer = _with_gdn(layer, GatedDeltaNet, {"backend": args.gdn_backend,
-                                                         "cp_layout": args.cp_layout})
+                # zigzag: the layout of Megatron's CP batch split (data.get_batch)
+                layer = _with_gdn(layer, GatedDeltaNet, {"backend": args.gdn_backend, "cp_layout": "zigzag"})
         layers.append(layer)
     return dataclasses.replace(block, layer_specs=layers)
 

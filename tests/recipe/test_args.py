@@ -20,8 +20,6 @@ CONFIGS = os.path.join(ROOT, "examples", "configs")
                  r"--linear-num-key-heads \(2\)", id="grouped-heads"),
     pytest.param(("--context-parallel-size", "2", "--seq-length", "250", "--max-position-embeddings", "250"),
                  r"--seq-length \(250\) must be divisible by 4 \(= 2 x --context-parallel-size 2", id="seq-CP-zigzag"),
-    pytest.param(("--context-parallel-size", "4", "--cp-layout", "contiguous", "--seq-length", "250",
-                  "--max-position-embeddings", "250"), r"--seq-length \(250\) must be divisible by 4", id="seq-CP-contiguous"),
     pytest.param(("--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "255",
                   "--max-position-embeddings", "255"), r"--seq-length / CP must be divisible by TP", id="seq-SP"),
     pytest.param(("--lr-warmup-iters", "60"), r"--lr-warmup-iters \(60\) must be below", id="warmup"),
