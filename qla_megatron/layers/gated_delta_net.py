@@ -26,13 +26,15 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
-from qla_megatron.ops import chunk_gated_delta_rule
+from qla_megatron.ops import GDNOptions, chunk_gated_delta_rule
+from qla_megatron.ops.gated_delta_rule.options import resolve_options
 from qla_megatron.parallel import cp_causal_depthwise_conv1d, cp_chunk_gated_delta_rule
 from qla_megatron.parallel.layouts import check_layout
 
 from .checkpoint import gdn_sharded_state_dict
 from .config import gdn_sizes
 from .conv import causal_depthwise_conv1d
+from .inputs import check_hidden_states, packed_cu_seqlens
 
 __all__ = ["GatedDeltaNet", "GatedDeltaNetSubmodules"]
 
@@ -57,6 +59,11 @@ class GatedDeltaNet(MegatronModule):
         cp_layout: how the sequence is split over pg_collection.cp ranks, "zigzag" (what Megatron's
             GPT batches use with context parallelism) or "contiguous".
         backend: backend of chunk_gated_delta_rule ("auto", "torch", "tilelang", "fla").
+        options: qla_megatron.ops.GDNOptions of every op call (intra-card CP of the Hopper kernels,
+            the NaN/Inf debug check); None: qla_megatron.ops.default_options(), read here once.
+            With options.check_finite the forward also scans hidden_states (ValueError naming it)
+            and checks packed offsets held on a GPU; without it (the default) the layer does not
+            wait for the device and packed offsets stay there.
 
     Context parallelism (pg_collection.cp of size > 1): each rank holds its shard of the sequence in
     `cp_layout`; the causal conv takes its halo of kernel-1 tokens from the rank before, and the
@@ -70,7 +77,7 @@ class GatedDeltaNet(MegatronModule):
                  bias: bool = False, conv_bias: bool = False, conv_init: Optional[float] = None,
                  use_qk_l2norm: bool = True, A_init_range: tuple[float, float] = (1, 16),
                  pg_collection=None, *, name: Optional[str] = None, cp_comm_type: Optional[str] = None,
-                 backend: str = "auto", cp_layout: str = "zigzag"):
+                 backend: str = "auto", cp_layout: str = "zigzag", options: Optional[GDNOptions] = None):
         super().__init__(config)
         if pg_collection is None or not hasattr(pg_collection, "tp") or not hasattr(pg_collection, "cp"):
             raise ValueError(f"pg_collection must be a ProcessGroupCollection with tp and cp groups, "
@@ -87,6 +94,7 @@ class GatedDeltaNet(MegatronModule):
         self.use_qk_l2norm = use_qk_l2norm
         self.A_init_range = (low, high)
         self.backend = backend
+        self.options = resolve_options(options)  # resolved once here: no per-call default look-up
         check_layout(cp_layout)
         self.cp_layout = cp_layout
         # Selective recompute of the gated out_norm (Megatron's "gdn_norm_out"): its output, the
@@ -164,14 +172,17 @@ class GatedDeltaNet(MegatronModule):
         out [s, b, h] like hidden_states and bias the out_proj bias (None without bias).
 
         attention_mask is unused (the layer is causal by construction). packed_seq_params with
-        qkv_format "thd" (b == 1) runs each packed sequence from a zero state.
+        qkv_format "thd" (b == 1) runs each packed sequence from a zero state; its offsets are
+        checked as inputs.packed_cu_seqlens says (ValueError naming the field).
         """
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("GatedDeltaNet does not support inference (no recurrent-state cache) yet")
+        check_hidden_states(hidden_states, self.config.hidden_size, self.options.check_finite)
         s = self.sizes
         qkvzba, _ = self.in_proj(hidden_states)  # [s, b, in_proj_dim / tp]; SP gathers the sequence
         seq_len, batch, _ = qkvzba.shape
-        cu_seqlens = self._cu_seqlens(packed_seq_params, seq_len, batch, qkvzba.device)
+        cu_seqlens = packed_cu_seqlens(packed_seq_params, seq_len, batch, self.cp_size, qkvzba.device,
+                                       check_values=self.options.check_finite)
         qkvzba = qkvzba.transpose(0, 1)  # [b, s, ...]: the op's layout
         hv = s.num_v_heads_local_tp
         qkv, z, beta, alpha = torch.split(qkvzba, [s.conv_dim_local_tp, s.v_dim_local_tp, hv, hv], dim=-1)
@@ -213,9 +224,11 @@ class GatedDeltaNet(MegatronModule):
         if self.cp_size > 1:
             return cp_chunk_gated_delta_rule(q, k, v, g, beta, cp_group=self.pg_collection.cp,
                                              layout=self.cp_layout, cu_seqlens=cu_seqlens,
-                                             use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
+                                             use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend,
+                                             options=self.options)
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens,
-                                      use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend)
+                                      use_qk_l2norm_in_kernel=self.use_qk_l2norm, backend=self.backend,
+                                      options=self.options)
         return o
 
     # ------------------------------------------------------------------------------------------------
@@ -228,26 +241,6 @@ class GatedDeltaNet(MegatronModule):
         gate = z.reshape(-1, dv).to(torch.promote_types(z.dtype, torch.float32))
         out = (normed * F.silu(gate)).to(o.dtype)
         return out.reshape(b, s_len, hv * dv).transpose(0, 1).contiguous()
-
-    def _cu_seqlens(self, packed_seq_params, seq_len: int, batch: int, device) -> Optional[torch.Tensor]:
-        """int64 cu_seqlens from packed_seq_params ("thd"), checked against the token count."""
-        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            return None
-        if batch != 1:
-            raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got batch={batch}")
-        p = packed_seq_params
-        cu_q = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
-        cu_kv = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else p.cu_seqlens_kv
-        if cu_q is None:
-            raise ValueError("packed_seq_params.cu_seqlens_q is None with qkv_format='thd'")
-        if cu_kv is not None and not torch.equal(cu_q.cpu(), cu_kv.cpu()):
-            raise ValueError(f"packed_seq_params: cu_seqlens_q ({cu_q.tolist()}) must equal "
-                             f"cu_seqlens_kv ({cu_kv.tolist()}) for GatedDeltaNet")
-        total = int(cu_q[-1])
-        if total != seq_len * self.cp_size:  # with CP the offsets are global: cp_size shards of seq_len
-            raise ValueError(f"packed_seq_params.cu_seqlens_q[-1]={total} must equal the number of "
-                             f"tokens in the (gathered) sequence, {seq_len}, times cp_size={self.cp_size}")
-        return cu_q.to(device=device, dtype=torch.int64)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
         """Dist-checkpoint layout of Megatron's layer: in_proj and conv split into their named

@@ -18,6 +18,8 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from qla_megatron.ops import GDNOptions
+
 from .gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
 from .norm import LocalHeadNorm, SequenceParallelTorchNorm
 
@@ -45,18 +47,22 @@ def resolve_backend(backend: Optional[str]) -> str:
 
 
 def get_gdn_layer_spec(backend: Optional[str] = None, normalization: str = "RMSNorm",
-                       op_backend: str = "auto") -> ModuleSpec:
+                       op_backend: str = "auto", op_options: Optional[GDNOptions] = None) -> ModuleSpec:
     """ModuleSpec of qla_megatron.layers.GatedDeltaNet.
 
     Args:
         backend: "transformer_engine", "local" or None (see module docstring).
         normalization: "RMSNorm" or "LayerNorm", for out_norm (TE backend; local follows config).
         op_backend: backend of chunk_gated_delta_rule ("auto", "torch", "tilelang", "fla").
+        op_options: qla_megatron.ops.GDNOptions of the layer's op calls (intra-card CP, the NaN/Inf
+            debug check); None: the defaults (qla_megatron.ops.default_options()).
 
     metainfo["fuse_input_layernorm"] says whether in_proj carries the layer's input norm (TE), so
     that a TransformerLayer around it uses IdentityOp as input_layernorm.
     """
     backend = resolve_backend(backend)
+    if op_options is not None and not isinstance(op_options, GDNOptions):
+        raise ValueError(f"op_options must be a qla_megatron.ops.GDNOptions or None, got {type(op_options).__name__}")
     if normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {normalization!r}")
     if backend == "transformer_engine":
@@ -72,7 +78,8 @@ def get_gdn_layer_spec(backend: Optional[str] = None, normalization: str = "RMSN
         submodules = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=LocalHeadNorm,
                                              out_proj=RowParallelLinear)
         fused = False
-    return ModuleSpec(module=GatedDeltaNet, params={"backend": op_backend}, submodules=submodules,
+    return ModuleSpec(module=GatedDeltaNet, params={"backend": op_backend, "options": op_options},
+                      submodules=submodules,
                       metainfo={"fuse_input_layernorm": fused})
 
 
@@ -122,22 +129,25 @@ def _gdn_layer_spec(attention_layer: ModuleSpec, gdn: ModuleSpec) -> ModuleSpec:
     return ModuleSpec(module=attention_layer.module, params=dict(attention_layer.params), submodules=gdn_sub)
 
 
-def get_hybrid_layer_specs(config, backend: Optional[str] = None, op_backend: str = "auto") -> list[ModuleSpec]:
+def get_hybrid_layer_specs(config, backend: Optional[str] = None, op_backend: str = "auto",
+                           op_options: Optional[GDNOptions] = None) -> list[ModuleSpec]:
     """One TransformerLayer spec per layer of the model, GDN or attention by
-    config.linear_attention_freq (see linear_attention_pattern)."""
+    config.linear_attention_freq (see linear_attention_pattern); op_backend and op_options as in
+    get_gdn_layer_spec."""
     backend = resolve_backend(backend)
     pattern = linear_attention_pattern(config.num_layers, config.linear_attention_freq)
     attention = _attention_layer_spec(config, backend)
-    gdn = _gdn_layer_spec(attention, get_gdn_layer_spec(backend, config.normalization, op_backend))
+    gdn = _gdn_layer_spec(attention, get_gdn_layer_spec(backend, config.normalization, op_backend, op_options))
     return [gdn if p == 1 else attention for p in pattern]
 
 
 def get_hybrid_block_spec(config, backend: Optional[str] = None, op_backend: str = "auto",
-                          vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+                          vp_stage: Optional[int] = None, pp_rank: Optional[int] = None, *,
+                          op_options: Optional[GDNOptions] = None) -> TransformerBlockSubmodules:
     """TransformerBlockSubmodules for GPTModel(transformer_layer_spec=...): this pipeline stage's
-    layers of the GDN / attention mix, and the final norm."""
+    layers of the GDN / attention mix, and the final norm; op_options as in get_gdn_layer_spec."""
     backend = resolve_backend(backend)
-    layers = get_hybrid_layer_specs(config, backend, op_backend)
+    layers = get_hybrid_layer_specs(config, backend, op_backend, op_options)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     final_norm = _attention_layer_spec(config, backend).submodules.pre_mlp_layernorm

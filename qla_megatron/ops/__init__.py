@@ -1,8 +1,12 @@
-"""qla_megatron.ops: the chunked gated delta rule, its references, backends and segment algebra."""
+"""qla_megatron.ops: the chunked gated delta rule, its references, backends, segment algebra and
+options (GDNOptions)."""
 
 from .gated_delta_rule import (
+    GDNOptions,
+    IntraCPConfig,
     chunk_gated_delta_rule,
     compose_segments,
+    default_options,
     recurrent_gated_delta_rule,
     segment_summary,
     segmented_chunk_gated_delta_rule,
@@ -16,4 +20,7 @@ __all__ = [
     "compose_segments",
     "segmented_chunk_gated_delta_rule",
     "which_backend",
+    "GDNOptions",
+    "IntraCPConfig",
+    "default_options",
 ]

@@ -16,13 +16,14 @@ import torch.distributed as dist
 
 from qla_megatron.ops import chunk_gated_delta_rule, compose_segments, segment_summary
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
+from qla_megatron.ops.gated_delta_rule.options import resolve_options
 
 from .collectives import all_gather_stacked
 from .layouts import check_layout, global_segments, zigzag_owner
 
 
 def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
-                              cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto"):
+                              cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, options=None):
     """Gated delta rule over a sequence split across the ranks of `cp_group`.
 
     Args:
@@ -38,12 +39,14 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
             sequence after sequence.
         scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
             runs; the summaries run on the torch backend for now).
+        options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults).
 
     Returns:
         o [B, T_local, HV, V], this rank's output, equal to the matching slice of the single-GPU result.
     """
     check_layout(layout)
-    check_inputs(q, k, v, g, beta, scale)
+    options = resolve_options(options)
+    check_inputs(q, k, v, g, beta, scale, check_finite=options.check_finite)
     cp = dist.get_world_size(cp_group)
     rank = dist.get_rank(cp_group)
     B, T = k.shape[:2]
@@ -51,7 +54,7 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
         check_cu_seqlens(cu_seqlens, B, cp * T)
     elif layout == "zigzag" and T % 2:
         raise ValueError(f"layout='zigzag' needs an even local length (two equal halves), got T_local={T}")
-    kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, options=options)
     if cu_seqlens is not None and layout == "zigzag":
         return _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
     if cu_seqlens is not None:

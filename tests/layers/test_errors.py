@@ -1,5 +1,7 @@
 """Every bad configuration raises a ValueError that names the field or argument and the values."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,19 +49,73 @@ def test_bad_layer_arguments(single_rank):
         build_ours(gdn_config(activation_func=F.gelu), pg)
 
 
-def test_bad_packed_sequences(single_rank):
+def _thd(**fields):
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    return PackedSeqParams(qkv_format="thd", **fields)
+
+
+I32 = dict(dtype=torch.int32)
+PACKED_CASES = [
+    pytest.param(12, dict(cu_seqlens_q=torch.tensor([0, 5, 10], **I32)),
+                 r"packed_seq_params.cu_seqlens_q must end at the token count 12 \(sequence length 12 x cp_size 1\), got 10",
+                 id="short"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 7, 4, 10], **I32)),
+                 r"packed_seq_params.cu_seqlens_q must be sorted, strictly increasing .*got \[0, 7, 4, 10\]",
+                 id="unsorted"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 4, 4, 10], **I32)),
+                 r"packed_seq_params.cu_seqlens_q must be sorted, strictly increasing", id="empty-sequence"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([2, 5, 10], **I32)),
+                 r"packed_seq_params.cu_seqlens_q must start at 0, got \[2, 5, 10\]", id="not-from-0"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0.0, 5.0, 10.0])),
+                 r"packed_seq_params.cu_seqlens_q must be an integer tensor \(int32 or int64\), got torch.float32",
+                 id="float"),
+    pytest.param(10, dict(cu_seqlens_q=[0, 5, 10]),
+                 r"packed_seq_params.cu_seqlens_q must be a torch.Tensor, got list", id="list"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([[0, 10]], **I32)),
+                 r"packed_seq_params.cu_seqlens_q must be 1-D \[N \+ 1\] with N >= 1 sequences, got shape \(1, 2\)",
+                 id="2d"),
+    pytest.param(10, dict(cu_seqlens_q=None), r"packed_seq_params.cu_seqlens_q is None", id="none"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 5, 10], **I32), cu_seqlens_kv=torch.tensor([0, 4, 10], **I32)),
+                 r"cu_seqlens_q \(\[0, 5, 10\]\) must equal cu_seqlens_kv \(\[0, 4, 10\]\)", id="q-kv"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 5, 10], **I32), cu_seqlens_kv=torch.tensor([0, 10], **I32)),
+                 r"cu_seqlens_q \(shape \(3,\)\) must equal cu_seqlens_kv \(shape \(2,\)\)", id="q-kv-shape"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 5, 10], **I32), cu_seqlens_kv=torch.tensor([0, 5, 10], **I32),
+                          cu_seqlens_q_padded=torch.tensor([0, 6, 12], **I32)),
+                 r"packed_seq_params.cu_seqlens_q_padded must end at the token count 10", id="padded"),
+    pytest.param(10, dict(cu_seqlens_q=torch.tensor([0, 5, 10], **I32), cu_seqlens_kv=torch.tensor([0, 5, 10.0])),
+                 r"packed_seq_params.cu_seqlens_kv must be an integer tensor", id="kv-float"),
+]
+
+
+@pytest.mark.parametrize("tokens, fields, match", PACKED_CASES)
+def test_bad_packed_sequences(single_rank, tokens, fields, match):
+    """Bad packed_seq_params raise ValueError naming the field, before the conv sees them (it used to
+    fail with "repeats can not be negative"). Offsets on the CPU are checked with the default options."""
     layer = build_ours(gdn_config(), set_model_parallel(tp=1))
-    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\]=10 must equal the number of tokens.*12"):
-        layer(torch.randn(12, 1, 32), None, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu))
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(tokens, 1, 32), None, packed_seq_params=_thd(**fields))
+
+
+def test_packed_sequences_accepted(single_rank):
+    """int32 or int64 offsets, equal kv offsets, padded offsets: the same output as int64 cu_seqlens."""
+    layer = build_ours(gdn_config(), set_model_parallel(tp=1))
+    x = torch.randn(10, 1, 32)
+    ref, _ = layer(x, None, packed_seq_params=_thd(cu_seqlens_q=torch.tensor([0, 3, 10])))
+    for fields in (dict(cu_seqlens_q=torch.tensor([0, 3, 10], **I32), cu_seqlens_kv=torch.tensor([0, 3, 10], **I32)),
+                   dict(cu_seqlens_q=torch.tensor([0, 2, 10], **I32), cu_seqlens_q_padded=torch.tensor([0, 3, 10], **I32))):
+        out, _ = layer(x, None, packed_seq_params=_thd(**fields))
+        assert torch.equal(out, ref)
     with pytest.raises(ValueError, match=r"need batch size 1.*batch=2"):
-        layer(torch.randn(10, 2, 32), None, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu))
-    other = torch.tensor([0, 4, 10], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"cu_seqlens_q \(\[0, 5, 10\]\) must equal cu_seqlens_kv \(\[0, 4, 10\]\)"):
-        layer(torch.randn(10, 1, 32), None,
-              packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=other))
+        layer(torch.randn(10, 2, 32), None, packed_seq_params=_thd(cu_seqlens_q=torch.tensor([0, 5, 10], **I32)))
+
+
+@pytest.mark.parametrize("shape", [(12, 1, 31), (12, 32), (12, 1, 1, 32)], ids=["h31", "2d", "4d"])
+def test_bad_hidden_states(single_rank, shape):
+    layer = build_ours(gdn_config(hidden=32), set_model_parallel(tp=1))
+    with pytest.raises(ValueError, match=r"hidden_states must be \[s, b, hidden_size\] with hidden_size=32 "
+                                         r"\(config.hidden_size\), got shape " + re.escape(str(shape))):
+        layer(torch.randn(*shape), None)
 
 
 def test_bad_spec_arguments():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qla_megatron.ops import chunk_gated_delta_rule, recurrent_gated_delta_rule, segment_summary
+from qla_megatron.ops import GDNOptions, chunk_gated_delta_rule, recurrent_gated_delta_rule, segment_summary
 
 from .gdr_inputs import make_inputs
 
@@ -37,11 +37,17 @@ CASES = [
     ("initial_state must be \\[N, HV, K, V\\] = \\(2, 4, 8, 8\\)",
      lambda a: dict(cu_seqlens=torch.tensor([0, 30, 70]), initial_state=torch.zeros(1, 4, 8, 8))),
     ("initial_state must be float32", lambda a: dict(initial_state=torch.zeros(1, 4, 8, 8, dtype=torch.bfloat16))),
-    ("q contains NaN or Inf", lambda a: dict(q=a["q"].index_fill(1, torch.tensor([5]), float("nan")))),
-    ("g contains NaN or Inf", lambda a: dict(g=a["g"].index_fill(1, torch.tensor([69]), float("-inf")))),
-    ("initial_state contains NaN", lambda a: dict(initial_state=torch.full((1, 4, 8, 8), float("nan")))),
     ("scale must be a positive finite number", lambda a: dict(scale=-1.0)),
     ("scale must be a positive finite number", lambda a: dict(scale=float("inf"))),
+]
+# The NaN/Inf scan: opt-in in the op (options.check_finite), always on in the reference.
+FINITE_CASES = [
+    ("q contains NaN or Inf", lambda a: dict(q=a["q"].index_fill(1, torch.tensor([5]), float("nan")))),
+    ("k contains NaN or Inf", lambda a: dict(k=a["k"].index_fill(1, torch.tensor([0]), float("inf")))),
+    ("v contains NaN or Inf", lambda a: dict(v=a["v"].index_fill(1, torch.tensor([33]), float("nan")))),
+    ("g contains NaN or Inf", lambda a: dict(g=a["g"].index_fill(1, torch.tensor([69]), float("-inf")))),
+    ("beta contains NaN or Inf", lambda a: dict(beta=a["beta"].index_fill(1, torch.tensor([7]), float("nan")))),
+    ("initial_state contains NaN", lambda a: dict(initial_state=torch.full((1, 4, 8, 8), float("nan")))),
 ]
 BACKEND_CASES = [
     ("backend must be one of", "cuda"),
@@ -57,6 +63,20 @@ def test_bad_input_raises(message, change, fn):
     args.update(change(args))
     with pytest.raises(ValueError, match=message):
         fn(**args)
+
+
+@pytest.mark.parametrize("message,change", FINITE_CASES, ids=[c[0].split()[0] for c in FINITE_CASES])
+def test_non_finite_input(message, change):
+    """check_finite names the input; without it (the default) the op runs and the NaN shows in o;
+    the recurrence (the reference) always checks."""
+    args = base()
+    args.update(change(args))
+    with pytest.raises(ValueError, match=message):
+        chunk_gated_delta_rule(**args, options=GDNOptions(check_finite=True))
+    with pytest.raises(ValueError, match=message):
+        recurrent_gated_delta_rule(**args)
+    o, _ = chunk_gated_delta_rule(**args, options=GDNOptions(check_finite=False))
+    assert not bool(torch.isfinite(o).all())
 
 
 @pytest.mark.parametrize("message,backend", BACKEND_CASES, ids=[c[1] for c in BACKEND_CASES])

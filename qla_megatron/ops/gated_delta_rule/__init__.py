@@ -3,7 +3,9 @@
 from . import fla_peer  # noqa: F401  (registers the optional "fla" backend)
 from . import tilelang_backend  # noqa: F401  (registers the Hopper "tilelang" backend)
 from .chunk import chunk_gated_delta_rule, which_backend
+from .intra_cp import IntraCPConfig
 from .naive import recurrent_gated_delta_rule
+from .options import GDNOptions, default_options
 from .segments import compose_segments, segment_summary, segmented_chunk_gated_delta_rule
 
 __all__ = [
@@ -13,4 +15,7 @@ __all__ = [
     "compose_segments",
     "segmented_chunk_gated_delta_rule",
     "which_backend",
+    "GDNOptions",
+    "IntraCPConfig",
+    "default_options",
 ]

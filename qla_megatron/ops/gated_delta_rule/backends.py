@@ -31,7 +31,8 @@ class Backend:
     name: str
     # Returns None when the call is supported, else the reason (naming the argument and the limit).
     unsupported: Callable[[CallInfo], Optional[str]]
-    # run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm)
+    # run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm,
+    #     options) on validated inputs; options: the call's GDNOptions (options.py), never None.
     run: Callable
 
 

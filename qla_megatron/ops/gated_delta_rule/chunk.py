@@ -10,11 +10,12 @@ import torch
 
 from . import backends
 from .inputs import check_inputs, default_scale, packed_stream, sequence_bounds
+from .options import resolve_options
 from .torch import chunk_scan
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto"):
+                           cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, options=None):
     r"""Gated delta rule over chunks of 64 tokens.
 
         S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale q_t)
@@ -33,15 +34,21 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         cu_seqlens: int64 [N + 1] offsets of sequences packed along T (B must be 1); lengths >= 1.
         use_qk_l2norm_in_kernel: L2-normalise q and k over K (eps 1e-6) inside the op.
         backend: "auto" (fastest backend that supports the call), "torch", "tilelang", "fla".
+        options: GDNOptions (options.py): intra-card CP of the "tilelang" backend (on/off, segment
+            length, "exact" or "gate" summaries, warm-up chunks; ignored by "torch" and "fla") and
+            the NaN/Inf debug check. None: default_options() (the QLA_MEGATRON_* environment
+            variables, read once per process).
 
     Returns:
         o: [B, T, HV, V] in q's dtype.
         final_state: [N, HV, K, V] float32 (float64 for float64 inputs), or None.
 
     Half-precision inputs compute in float32. Differentiable in q, k, v, g, beta and initial_state.
-    Any NaN/Inf in the inputs raises ValueError (QLA_MEGATRON_CHECK_FINITE=0 skips that pass; a
-    non-finite input then makes every later output of its sequence NaN). Bad shapes, dtypes,
-    cu_seqlens or backends raise ValueError naming the argument.
+    Bad shapes, dtypes, cu_seqlens, backends or options raise ValueError naming the argument. With
+    options.check_finite a NaN/Inf in any input raises ValueError naming it (a debug check: it reads
+    every input again and syncs with the device); without it (the default) a non-finite input makes
+    every later output of its sequence NaN. cu_seqlens' values are read on the host (every backend
+    needs them there); without cu_seqlens nothing here waits for the device.
 
     Example::
 
@@ -60,12 +67,13 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     """
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, one of {backends.known_backends()}, got {backend!r}")
-    check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    options = resolve_options(options)
+    check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, check_finite=options.check_finite)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (q, k, v, g, beta, initial_state))
     chosen = backends.select(backend, _call_info(q, k, v, cu_seqlens, grad))
     return chosen.run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                      use_qk_l2norm_in_kernel)
+                      use_qk_l2norm_in_kernel, options)
 
 
 def which_backend(q, k, v, cu_seqlens=None, backend="auto", requires_grad=False) -> str:
@@ -81,8 +89,9 @@ def _call_info(q, k, v, cu_seqlens, requires_grad=False):
 
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                 use_qk_l2norm_in_kernel):
-    """The torch backend on validated inputs (hand-written backward: torch/chunk.py)."""
+                                 use_qk_l2norm_in_kernel, options=None):
+    """The torch backend on validated inputs (hand-written backward: torch/chunk.py). It has no
+    intra-card CP: `options` (GDNOptions) is accepted and ignored."""
     B, T, K = k.shape[0], k.shape[1], k.shape[3]
     out_dtype = q.dtype
     qf, kf, vf, gf, bf = packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel)

@@ -26,7 +26,9 @@ def _unsupported(info: backends.CallInfo):
     return None
 
 
-def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel):
+def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+         options=None):
+    """FLA's function; `options` (GDNOptions) has nothing FLA takes and is ignored."""
     o, final = _fla_function()(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)

@@ -6,13 +6,7 @@ V value dim, N sequences (B, or len(cu_seqlens) - 1 for varlen).
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-# Reading every input once more to look for NaN/Inf costs one pass over q, k, v, g, beta (and a host
-# sync on GPU). Training loops that have their own NaN guards may turn it off.
-CHECK_FINITE = os.environ.get("QLA_MEGATRON_CHECK_FINITE", "1") != "0"
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -44,11 +38,14 @@ def default_scale(scale, K: int) -> float:
 
 
 def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=None, *,
-                 need_q: bool = True) -> int:
+                 need_q: bool = True, check_finite: bool = False) -> int:
     """Validate the arguments of the gated delta rule; return N, the number of sequences.
 
     q, k [B, T, H, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state [N, HV, K, V];
     cu_seqlens int64 [N + 1] (B must be 1). Raises ValueError naming the argument and the rule.
+    Shapes, dtypes and devices are read from the tensors' metadata; only cu_seqlens' values (which
+    every backend reads on the host anyway) and, with check_finite, the NaN/Inf scan of every input
+    (one more read of each and a host sync) look at the data.
     """
     named = ([("q", q)] if need_q else []) + [("k", k), ("v", v), ("g", g), ("beta", beta)]
     for name, t in named:
@@ -99,14 +96,18 @@ def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=No
             raise ValueError(f"initial_state must be float32 (or float64), got {initial_state.dtype}")
         if initial_state.device != k.device:
             raise ValueError(f"initial_state must be on {k.device}, got {initial_state.device}")
-    if CHECK_FINITE:
+    if check_finite:
         extra = [("initial_state", initial_state)] if initial_state is not None else []
         for name, t in named + extra:
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or Inf; the gated delta rule would spread it to "
-                                 f"every later token of the sequence (set QLA_MEGATRON_CHECK_FINITE=0 "
-                                 f"to skip this check)")
+            check_finite_tensor(name, t)
     return N
+
+
+def check_finite_tensor(name: str, t: torch.Tensor) -> None:
+    """ValueError naming `name` if t holds a NaN or Inf (reads t and waits for the device)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf; the gated delta rule would spread it to every "
+                         f"later token of its sequence (found by the check_finite debug check)")
 
 
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:

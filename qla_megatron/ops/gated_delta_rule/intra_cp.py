@@ -11,19 +11,18 @@ With segments, a summary pass (state widened to K + V columns, no output; its pr
 planner compares the estimated time of every candidate segment length (whole sequence, and halvings
 down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
 
-Switch: QLA_MEGATRON_INTRA_CP=0 turns it off; QLA_MEGATRON_INTRA_CP_SEGMENT=<tokens> forces a segment
-length (a multiple of 64). QLA_MEGATRON_INTRA_CP_MODE=gate (the default; Hopper "rs" forward only)
-starts a (segment, v-head) from a warm-up over the QLA_MEGATRON_INTRA_CP_WARMUP chunks before it
-(default 4) instead of the exact composition where the decay over that window is below e^-10: that
-pair's summary walks only the window (DESIGN §2, "gate-driven"; the bound is in
-segments.segmented_chunk_gated_delta_rule); heads without such decay compose exactly. "exact" always
-composes. All can also be passed per call through `IntraCPConfig`.
+Options (IntraCPConfig, carried by options.GDNOptions.intra_cp): `enabled=False` turns it off;
+`segment_len=<tokens>` forces a segment length (a multiple of 64). `mode="gate"` (the default)
+starts a (segment, v-head) from a warm-up over the `warmup_chunks` chunks before it (default 4)
+instead of the exact composition where the decay over that window is below e^-10: that pair's
+summary walks only the window (DESIGN §2, "gate-driven"; the bound is in
+segments.segmented_chunk_gated_delta_rule); heads without such decay compose exactly. "exact"
+always composes. The QLA_MEGATRON_INTRA_CP* environment variables give the defaults (options.py).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -44,6 +43,12 @@ class IntraCPConfig:
     warmup_chunks: int = 4                   # gate mode: chunks of warm-up before a segment
 
     def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"intra-CP enabled must be a bool, got {self.enabled!r}")
+        if self.segment_len is not None and (not isinstance(self.segment_len, int) or self.segment_len <= 0
+                                             or self.segment_len % CHUNK):
+            raise ValueError(f"intra-CP segment_len must be a positive multiple of {CHUNK} tokens or None, "
+                             f"got {self.segment_len!r}")
         if self.mode not in ("exact", "gate"):
             raise ValueError(f"intra-CP mode must be 'exact' or 'gate', got {self.mode!r}")
         if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 1:
@@ -51,15 +56,10 @@ class IntraCPConfig:
 
     @staticmethod
     def from_env() -> "IntraCPConfig":
-        on = os.environ.get("QLA_MEGATRON_INTRA_CP", "1") != "0"
-        seg = os.environ.get("QLA_MEGATRON_INTRA_CP_SEGMENT")
-        warm = os.environ.get("QLA_MEGATRON_INTRA_CP_WARMUP")
-        try:
-            warm = int(warm) if warm else IntraCPConfig.warmup_chunks
-        except ValueError:
-            raise ValueError(f"QLA_MEGATRON_INTRA_CP_WARMUP must be a number of chunks, got {warm!r}") from None
-        return IntraCPConfig(enabled=on, segment_len=int(seg) if seg else None,
-                             mode=os.environ.get("QLA_MEGATRON_INTRA_CP_MODE", "") or "gate", warmup_chunks=warm)
+        """The default config: options.default_options().intra_cp (the QLA_MEGATRON_INTRA_CP*
+        variables, read once per process); kept for callers that ask for it by this name."""
+        from .options import default_options  # options.py imports this module
+        return default_options().intra_cp
 
 
 def _pass_time(chunks_per_seq: Sequence[int], seg_chunks: int, programs_per_segment: int,
@@ -91,10 +91,7 @@ def plan_segment_len(seq_lens: Sequence[int], HV: int, K: int, V: int, num_sms: 
 def _plan_segment_len(seq_lens: tuple, HV: int, K: int, V: int, num_sms: int, BV: int,
                       cfg: IntraCPConfig) -> Optional[int]:
     """plan_segment_len's search, cached: it runs on every call of the op, in Python."""
-    if cfg.segment_len is not None:
-        if cfg.segment_len <= 0 or cfg.segment_len % CHUNK:
-            raise ValueError(f"intra-CP segment_len must be a positive multiple of {CHUNK}, "
-                             f"got {cfg.segment_len}")
+    if cfg.segment_len is not None:  # checked by IntraCPConfig
         return cfg.segment_len
     chunks = [-(-L // CHUNK) for L in seq_lens]
     longest = max(chunks)

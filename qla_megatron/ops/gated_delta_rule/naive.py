@@ -30,8 +30,9 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     Returns:
         o [B, T, HV, V] in q's dtype, and the final state (float32; float64 for float64 inputs) or None.
         Computes in float32 for half inputs and in float64 for float64 inputs; differentiable.
+        As the ground truth (never on a hot path) it always scans its inputs for NaN/Inf.
     """
-    N = check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    N = check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, check_finite=True)
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     G = HV // H

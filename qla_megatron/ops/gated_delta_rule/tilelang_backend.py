@@ -41,10 +41,12 @@ def unsupported(info: backends.CallInfo):
     return None
 
 
-def run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel):
+def run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+        options):
+    """Runs the Hopper kernels with the call's intra-card CP config (options.intra_cp)."""
     from .hopper.autograd import run as hopper_run
     return hopper_run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                      use_qk_l2norm_in_kernel)
+                      use_qk_l2norm_in_kernel, intra_cp=options.intra_cp)
 
 
 backends.register(backends.Backend(name="tilelang", unsupported=unsupported, run=run))
