@@ -134,6 +134,9 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
             raise ValueError(f"--context-parallel-size {cp} with --core-attention megatron needs Transformer "
                              f"Engine's attention (megatron-core's local attention has no context "
                              f"parallelism), and transformer_engine does not import: use --core-attention sdpa")
+    if args.gdn_impl == "megatron" and not _have_fla():
+        raise ValueError("--gdn-impl megatron needs fla-core (megatron-core's GatedDeltaNet runs FLA's "
+                         "kernels), and fla does not import here")
     if args.spec_backend == "transformer_engine" and not _have_te():
         raise ValueError("--spec-backend transformer_engine: transformer_engine does not import here "
                          "(use --spec-backend local or auto)")
@@ -171,6 +174,14 @@ def _have_te() -> bool:
     from qla_megatron.layers.specs import have_transformer_engine
 
     return have_transformer_engine()
+
+
+def _have_fla() -> bool:
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _is_number(text: str) -> bool:

@@ -63,3 +63,13 @@ def test_context_parallel_with_megatron_local_attention_is_refused():
     with pytest.raises(ValueError, match=r"--context-parallel-size 2 with --core-attention megatron needs "
                                          r"Transformer Engine's attention"):
         recipe_args("--context-parallel-size", "2", "--core-attention", "megatron")
+
+
+def test_megatron_gdn_needs_fla():
+    try:
+        import fla  # noqa: F401
+        pytest.skip("fla is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"--gdn-impl megatron needs fla-core"):
+        recipe_args("--gdn-impl", "megatron")

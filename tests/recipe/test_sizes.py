@@ -33,3 +33,23 @@ def test_memory_lower_bound_parts():
     assert b.weights == 4 * params and b.grads == 4 * params and b.optimizer == 8 * params  # fp32 Adam
     assert b.logits == 4 * args.micro_batch_size * args.seq_length * args.padded_vocab_size
     assert b.total_gib == pytest.approx((16 * params + b.logits) / GIB)
+
+
+def test_megatron_gdn_impl_has_our_parameters(monkeypatch):
+    """--gdn-impl megatron puts megatron-core's GatedDeltaNet in the same places with the same
+    parameter names and shapes (FLA, which its constructor asks for, is not needed to build it)."""
+    import megatron.core.ssm.gated_delta_net.common as mcommon
+    import megatron.core.ssm.gated_delta_net.gdn as mgdn
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet as MegatronGDN
+
+    from qla_megatron.layers import GatedDeltaNet
+
+    args = recipe_args()
+    ours = build_tiny_model(args)
+    monkeypatch.setattr(mcommon, "HAVE_FLA", True)
+    monkeypatch.setattr(mgdn, "chunk_gated_delta_rule", mgdn.torch_chunk_gated_delta_rule)  # FLA's, absent
+    args.gdn_impl = "megatron"  # set after the checks (they refuse it where fla does not import)
+    theirs = build_tiny_model(args)
+    kinds = [type(layer.self_attention) for layer in theirs.decoder.layers]
+    assert kinds[:3] == [MegatronGDN] * 3 and all(type(l.self_attention) is GatedDeltaNet for l in ours.decoder.layers[:3])
+    assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in theirs.named_parameters()}
