@@ -144,3 +144,28 @@ def test_gradcheck_varlen():
                                       cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
 
     assert torch.autograd.gradcheck(f, (q, k, v, g, beta, h0))
+
+
+def test_chunk_layout_cached_per_packing():
+    """The torch backend builds a packing's index tensors once (no host-to-device copies or device
+    waits on a repeated shape: CUDA graphs need that); built under inference_mode they still serve a
+    later training call, whose gradients match a fresh build's."""
+    from qla_megatron.ops.gated_delta_rule.torch.layout import _cached_layout, chunk_layout
+
+    _cached_layout.cache_clear()
+    cu = torch.tensor([0, 70, 75, 200])
+    with torch.inference_mode():
+        lay = chunk_layout([0, 70, 75, 200], 64, "cpu")
+    assert not lay.pos.is_inference()
+    assert chunk_layout((0, 70, 75, 200), 64, torch.device("cpu")) is lay
+    assert chunk_layout((0, 70, 200), 64, "cpu") is not lay
+    inputs = make_inputs(1, 200, 2, 4, 8, 8, torch.float64, N=3, requires_grad=True)
+
+    def grads():
+        o, s = chunk_gated_delta_rule(*inputs[:5], initial_state=inputs[5], cu_seqlens=cu, output_final_state=True)
+        return torch.autograd.grad((o.square().sum() + s.sum()), inputs)
+
+    cached = grads()
+    _cached_layout.cache_clear()
+    fresh = grads()
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh))

@@ -12,6 +12,7 @@ first), so a step's chunks are one contiguous slice: the walks read them as view
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,22 @@ class ChunkLayout:
 
 
 def chunk_layout(bounds, C: int, device) -> ChunkLayout:
-    """Layout of the sequences whose token offsets in the packed stream are `bounds` (N + 1 ints)."""
+    """Layout of the sequences whose token offsets in the packed stream are `bounds` (N + 1 ints).
+
+    Cached by (bounds, C, device): the index tensors are built (host lists copied to the device) once
+    per packing, so a call of a shape seen before launches nothing here and never waits for the device
+    (which CUDA-graph capture needs). The cached tensors are read-only."""
+    return _cached_layout(tuple(int(b) for b in bounds), int(C), torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_layout(bounds: tuple, C: int, device: torch.device) -> ChunkLayout:
+    # Normal tensors even when first built under inference_mode, so later training calls can use them.
+    with torch.inference_mode(False):
+        return _build_layout(bounds, C, device)
+
+
+def _build_layout(bounds: tuple, C: int, device: torch.device) -> ChunkLayout:
     N = len(bounds) - 1
     lens = [bounds[n + 1] - bounds[n] for n in range(N)]
     nchunks = [-(-L // C) for L in lens]
@@ -62,7 +78,7 @@ def chunk_layout(bounds, C: int, device) -> ChunkLayout:
         rank[n] = r
     T = bounds[-1] - bounds[0]
     lens_t = torch.tensor(lens, device=device)
-    seq_of = torch.repeat_interleave(torch.arange(N, device=device), lens_t)
+    seq_of = torch.repeat_interleave(torch.arange(N, device=device), lens_t, output_size=T)  # no sync
     t_in_seq = torch.arange(T, device=device) - (torch.tensor(bounds[:-1], device=device) - bounds[0])[seq_of]
     walk_off_t = torch.tensor(walk_off[:-1] if steps else [0], device=device)
     slot = walk_off_t[t_in_seq // C] + torch.tensor(rank, device=device)[seq_of]
