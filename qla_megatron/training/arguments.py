@@ -70,6 +70,8 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="force the intra-card segment length in tokens (default: planned per call)")
     g.add_argument("--intra-cp-mode", choices=("gate", "exact"), default="gate",
                    help="intra-card summaries: gate-driven (default) or exact (DESIGN section 2)")
+    g.add_argument("--gdn-check-finite", action="store_true",
+                   help="debug: scan every GDN op input for NaN/Inf (a host sync per call)")
     g.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help="peak TFLOP/s per GPU that MFU is measured against "
                         "(default 989: H100/H200 SXM dense bf16)")
@@ -86,15 +88,18 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def apply_intra_cp_args(args) -> None:
-    """The op reads its intra-card options from the process environment (qla_megatron.ops'
-    IntraCPConfig.from_env): the recipe sets them there from its arguments, for this process only."""
-    os.environ["QLA_MEGATRON_INTRA_CP"] = "1" if args.intra_cp == "on" else "0"
-    os.environ["QLA_MEGATRON_INTRA_CP_MODE"] = args.intra_cp_mode
-    if args.intra_cp_segment is not None:
-        os.environ["QLA_MEGATRON_INTRA_CP_SEGMENT"] = str(args.intra_cp_segment)
-    else:
-        os.environ.pop("QLA_MEGATRON_INTRA_CP_SEGMENT", None)
+def gdn_options(args):
+    """The op options of our GDN layers (qla_megatron.ops.GDNOptions) from --intra-cp,
+    --intra-cp-segment, --intra-cp-mode and --gdn-check-finite; ValueError names the flag."""
+    from qla_megatron.ops import GDNOptions
+    from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
+
+    try:
+        intra_cp = IntraCPConfig(enabled=args.intra_cp == "on", segment_len=args.intra_cp_segment,
+                                 mode=args.intra_cp_mode)
+    except ValueError as e:
+        raise ValueError(f"--intra-cp-segment / --intra-cp-mode: {e}") from None
+    return GDNOptions(intra_cp=intra_cp, check_finite=args.gdn_check_finite)
 
 
 def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
@@ -105,6 +110,7 @@ def check_recipe_args(args, gpu_memory_gib: Optional[float] = None) -> None:
     from .sizes import memory_lower_bound
 
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    gdn_options(args)  # the intra-CP flags
     if args.experimental_attention_variant != "gated_delta_net":
         raise ValueError(f"--experimental-attention-variant must be gated_delta_net for this recipe, "
                          f"got {args.experimental_attention_variant!r}")

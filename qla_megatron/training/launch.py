@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .arguments import add_recipe_args, apply_intra_cp_args, check_recipe_args, expand_config
+from .arguments import add_recipe_args, check_recipe_args, expand_config
 from .quiet import quiet_known_warnings
 from .sizes import padded_vocab_size
 
@@ -49,7 +49,6 @@ def parse_recipe_args(argv: Sequence[str], gpu_memory_gib: Optional[float] = Non
     validate_args(args, {})
     if set_globals:
         set_global_variables(args)
-        apply_intra_cp_args(args)
     else:
         args.padded_vocab_size = padded_vocab_size(args)
     return args

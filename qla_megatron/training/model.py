@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from qla_megatron.layers import GatedDeltaNet, get_hybrid_block_spec
 from qla_megatron.layers.specs import resolve_backend
 
+from .arguments import gdn_options
 from .attention import SDPACoreAttention
 
 
@@ -42,7 +43,8 @@ def uses_sdpa(args) -> bool:
 
 
 def hybrid_block_spec(config, args, vp_stage=None):
-    """The decoder block spec for --gdn-impl, --gdn-backend, --spec-backend and --core-attention."""
+    """The decoder block spec for --gdn-impl, --gdn-backend, --spec-backend, --core-attention and
+    our layer's op options (--intra-cp*, --gdn-check-finite)."""
     backend = None if args.spec_backend == "auto" else args.spec_backend
     block = get_hybrid_block_spec(config, backend=backend, op_backend=args.gdn_backend, vp_stage=vp_stage)
     sdpa = uses_sdpa(args)
@@ -58,7 +60,8 @@ def hybrid_block_spec(config, args, vp_stage=None):
                 layer = _with_gdn(layer, MegatronGDN, {})
             else:
                 # zigzag: the layout of Megatron's CP batch split (data.get_batch)
-                layer = _with_gdn(layer, GatedDeltaNet, {"backend": args.gdn_backend, "cp_layout": "zigzag"})
+                layer = _with_gdn(layer, GatedDeltaNet, {"backend": args.gdn_backend, "cp_layout": "zigzag",
+                                                         "options": gdn_options(args)})
         layers.append(layer)
     return dataclasses.replace(block, layer_specs=layers)
 

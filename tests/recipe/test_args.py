@@ -73,3 +73,20 @@ def test_megatron_gdn_needs_fla():
         pass
     with pytest.raises(ValueError, match=r"--gdn-impl megatron needs fla-core"):
         recipe_args("--gdn-impl", "megatron")
+
+
+def test_intra_cp_flags_reach_our_layers():
+    from qla_megatron.layers import GatedDeltaNet
+
+    from .conftest import build_tiny_model
+
+    model = build_tiny_model(recipe_args("--intra-cp", "off", "--intra-cp-segment", "128", "--intra-cp-mode",
+                                         "exact", "--gdn-check-finite"))
+    gdn = [layer.self_attention for layer in model.decoder.layers if isinstance(layer.self_attention, GatedDeltaNet)]
+    assert len(gdn) == 3
+    for layer in gdn:
+        opts = layer.options
+        assert (opts.intra_cp.enabled, opts.intra_cp.segment_len, opts.intra_cp.mode, opts.check_finite) == \
+            (False, 128, "exact", True)
+    with pytest.raises(ValueError, match=r"--intra-cp-segment / --intra-cp-mode: .*multiple of 64"):
+        recipe_args("--intra-cp-segment", "100")

@@ -5,7 +5,6 @@ level-1 timer, read before Megatron's own log resets it."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from .conftest import TINY
 
 
 @pytest.fixture
-def megatron_globals(monkeypatch):
+def megatron_globals():
     from qla_megatron.training.compat import enable_megatron_training_on_cpu
 
     enable_megatron_training_on_cpu()
@@ -25,11 +24,6 @@ def megatron_globals(monkeypatch):
     from tests.layers.mcore_setup import init_single_process
 
     init_single_process()  # a one-rank gloo world: the wrapper asks for ranks
-    # parse_recipe_args sets the op's intra-CP variables in this process: put them back after.
-    for name in ("QLA_MEGATRON_INTRA_CP", "QLA_MEGATRON_INTRA_CP_MODE", "QLA_MEGATRON_INTRA_CP_SEGMENT"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        if not os.environ[name]:
-            monkeypatch.delenv(name)
     args = parse_recipe_args(["--config", TINY, "--mock-data", "--time-breakdown", "--log-interval", "2"])
     yield args
     unset_global_variables()
