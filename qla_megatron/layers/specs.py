@@ -62,7 +62,8 @@ def get_gdn_layer_spec(backend: Optional[str] = None, normalization: str = "RMSN
     """
     backend = resolve_backend(backend)
     if op_options is not None and not isinstance(op_options, GDNOptions):
-        raise ValueError(f"op_options must be a qla_megatron.ops.GDNOptions or None, got {type(op_options).__name__}")
+        raise ValueError(f"op_options must be a qla_megatron.ops.GDNOptions or None, "
+                         f"got {type(op_options).__name__}")
     if normalization not in ("RMSNorm", "LayerNorm"):
         raise ValueError(f"normalization must be 'RMSNorm' or 'LayerNorm', got {normalization!r}")
     if backend == "transformer_engine":

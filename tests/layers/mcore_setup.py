@@ -46,7 +46,13 @@ def set_model_parallel(tp: int, sp: bool = False, seed: int = 1234) -> ProcessGr
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+    if torch.cuda.is_available():  # a GPU host (the gpu-marked tests): Megatron's own CUDA RNG tracker
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
     return ProcessGroupCollection.use_mpu_process_groups()
 
 

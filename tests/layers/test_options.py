@@ -37,7 +37,8 @@ def test_layer_options_default_and_explicit(single_rank):
 def test_layer_hands_its_options_to_the_op(single_rank, monkeypatch):
     seen = []
     op = gdn_module.chunk_gated_delta_rule
-    monkeypatch.setattr(gdn_module, "chunk_gated_delta_rule", lambda *a, **kw: seen.append(kw["options"]) or op(*a, **kw))
+    monkeypatch.setattr(gdn_module, "chunk_gated_delta_rule",
+                        lambda *a, **kw: seen.append(kw["options"]) or op(*a, **kw))
     layer = build_ours(gdn_config(), set_model_parallel(tp=1), options=MINE)
     layer(torch.randn(20, 1, 32), None)
     assert seen == [MINE]
@@ -51,7 +52,8 @@ def test_specs_carry_the_options(single_rank):
     layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
     assert isinstance(layer, GatedDeltaNet) and layer.options is MINE
     block = get_hybrid_block_spec(config, backend="local", op_options=MINE)
-    gdn = [s.submodules.self_attention for s in block.layer_specs if s.submodules.self_attention.module is GatedDeltaNet]
+    gdn = [s.submodules.self_attention for s in block.layer_specs
+           if s.submodules.self_attention.module is GatedDeltaNet]
     assert len(gdn) == 3 and all(s.params["options"] is MINE for s in gdn)
     with pytest.raises(ValueError, match=r"op_options must be a qla_megatron.ops.GDNOptions or None, got dict"):
         get_gdn_layer_spec(backend="local", op_options={})

@@ -46,7 +46,8 @@ def test_env_parsing():
     ("QLA_MEGATRON_CHECK_FINITE", "yes", r"QLA_MEGATRON_CHECK_FINITE must be 0 or 1, got 'yes'"),
     ("QLA_MEGATRON_INTRA_CP", "off", r"QLA_MEGATRON_INTRA_CP must be 0 or 1, got 'off'"),
     ("QLA_MEGATRON_INTRA_CP_SEGMENT", "1k", r"QLA_MEGATRON_INTRA_CP_SEGMENT must be an integer, got '1k'"),
-    ("QLA_MEGATRON_INTRA_CP_SEGMENT", "100", r"QLA_MEGATRON_INTRA_CP_\*: .*segment_len must be a positive multiple of 64.*100"),
+    ("QLA_MEGATRON_INTRA_CP_SEGMENT", "100",
+     r"QLA_MEGATRON_INTRA_CP_\*: .*segment_len must be a positive multiple of 64.*100"),
     ("QLA_MEGATRON_INTRA_CP_MODE", "fast", r"QLA_MEGATRON_INTRA_CP_\*: .*mode must be 'exact' or 'gate', got 'fast'"),
     ("QLA_MEGATRON_INTRA_CP_WARMUP", "0", r"QLA_MEGATRON_INTRA_CP_\*: .*warmup_chunks must be an int >= 1, got 0"),
 ])
