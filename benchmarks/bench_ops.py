@@ -23,7 +23,6 @@ import sys
 import time
 
 os.environ.setdefault("FLA_FLASH_QLA", "0")              # FLA's own Triton kernels, not FlashQLA's
-os.environ.setdefault("QLA_MEGATRON_CHECK_FINITE", "0")  # no NaN scan (a host sync) in timed calls
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -13,7 +13,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("QLA_MEGATRON_CHECK_FINITE", "0")   # the NaN scan is a host sync
 
 import torch  # noqa: E402
 import triton  # noqa: E402

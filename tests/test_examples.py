@@ -33,4 +33,11 @@ def test_readme_python_blocks_run():
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
     assert blocks, "the README has a python example"
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        scope = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        # Whatever the example leaves in o / final must be a usable result (no NaN from, e.g.,
+        # unnormalised keys without use_qk_l2norm_in_kernel).
+        import torch
+        for name in ("o", "final"):
+            if isinstance(scope.get(name), torch.Tensor):
+                assert torch.isfinite(scope[name]).all(), f"README example: {name} is not finite"

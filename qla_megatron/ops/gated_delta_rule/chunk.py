@@ -61,7 +61,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         ...                               use_qk_l2norm_in_kernel=True)
         >>> # varlen: three sequences of 10, 500 and 490 tokens packed into one row
         >>> cu = torch.tensor([0, 10, 510, 1000])
-        >>> o, s = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True)
+        >>> o, s = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True,
+        ...                               use_qk_l2norm_in_kernel=True)
         >>> s.shape
         torch.Size([3, 8, 128, 128])
     """
