@@ -1,7 +1,8 @@
 """CPU benchmark of the torch backend of chunk_gated_delta_rule: tokens/s and peak memory vs T.
 
 Each length runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own.
-Writes a markdown table (machine, versions, command) to benchmarks/results/torch_op_cpu.md.
+Writes a markdown table (machine, versions, command) to build/torch_op_cpu.md; pass
+--out benchmarks/results/torch_op_cpu.md to replace the committed table.
 
     python benchmarks/bench_torch_op.py                       # T = 2k..32k, 4 qk / 8 v heads, K=V=128
     python benchmarks/bench_torch_op.py --lengths 2048 4096 --out /tmp/t.md
@@ -54,7 +55,7 @@ def main():
     p.add_argument("--v-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "torch_op_cpu.md"))
+    p.add_argument("--out", default=os.path.join(ROOT, "build", "torch_op_cpu.md"))
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:

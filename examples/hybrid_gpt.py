@@ -12,7 +12,9 @@ megatron-core's local modules; with it, TE's (`--spec-backend` chooses).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -51,7 +53,9 @@ def init_distributed(tp: int):
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     else:  # a single process without torchrun
-        path = os.path.join(tempfile.mkdtemp(prefix="qla_example_"), "init")
+        tmp = tempfile.mkdtemp(prefix="qla_example_")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)     # the rendezvous file goes at exit
+        path = os.path.join(tmp, "init")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{path}", rank=0, world_size=1)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
