@@ -23,7 +23,8 @@ from .layouts import check_layout, global_segments, zigzag_owner
 
 
 def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
-                              cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, options=None):
+                              cu_seqlens=None, use_qk_l2norm_in_kernel=False, backend="auto", *, options=None,
+                              initial_state=None):
     """Gated delta rule over a sequence split across the ranks of `cp_group`.
 
     Args:
@@ -39,16 +40,30 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
             sequence after sequence.
         scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
             runs; the summaries run on the torch backend for now).
-        options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults).
+        options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults). Its
+            debug switch check_finite also checks that cu_seqlens is the same on every rank (a
+            collective and a host read: off by default).
+        initial_state: not supported yet (it would be the first segment's start state): must be None.
 
     Returns:
         o [B, T_local, HV, V], this rank's output, equal to the matching slice of the single-GPU result.
     """
     check_layout(layout)
+    if initial_state is not None:
+        raise ValueError("initial_state is not supported by cp_chunk_gated_delta_rule yet (every sequence "
+                         "starts from zero); pass initial_state=None")
+    if cp_group is not None and not isinstance(cp_group, dist.ProcessGroup):
+        raise ValueError(f"cp_group must be a torch.distributed ProcessGroup or None (the default group), "
+                         f"got {type(cp_group).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("cp_chunk_gated_delta_rule needs an initialized torch.distributed process group "
+                         "(cp_group, or the default one)")
     options = resolve_options(options)
     check_inputs(q, k, v, g, beta, scale, check_finite=options.check_finite)
     cp = dist.get_world_size(cp_group)
     rank = dist.get_rank(cp_group)
+    if cu_seqlens is not None and options.check_finite:
+        _check_same_on_ranks(cu_seqlens, cp_group)
     B, T = k.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, cp * T)
@@ -71,6 +86,22 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
     outs = [chunk_gated_delta_rule(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], initial_state=starts[gi],
                                    backend=backend, **kw)[0] for p, gi in zip(pieces, local)]
     return torch.cat(outs, dim=1)
+
+
+def _check_same_on_ranks(cu_seqlens, group):
+    """Debug check: cu_seqlens is the same on every rank (else ValueError naming it). Two all-gathers
+    (its length, then its values) and a host read."""
+    cu = cu_seqlens.to(torch.int64).reshape(-1)
+    cp = dist.get_world_size(group)
+    n = torch.tensor([cu.numel()], dtype=torch.int64, device=cu.device)
+    sizes = [torch.empty_like(n) for _ in range(cp)]
+    dist.all_gather(sizes, n, group=group)
+    if len({int(t) for t in sizes}) != 1:
+        raise ValueError(f"cu_seqlens must be the same on every rank; their lengths differ: {[int(t) for t in sizes]}")
+    values = [torch.empty_like(cu) for _ in range(cp)]
+    dist.all_gather(values, cu.contiguous(), group=group)
+    if any(not torch.equal(vals, values[0]) for vals in values):
+        raise ValueError(f"cu_seqlens must be the same on every rank; got {[vals.tolist() for vals in values]}")
 
 
 def _connected_zero(x):

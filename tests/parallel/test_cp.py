@@ -60,6 +60,18 @@ def _errors_rank(rank, world):
         cp_chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 33]))
     with pytest.raises(ValueError, match="multiple of 2 \\* cp = 4"):
         cp_chunk_gated_delta_rule(q, k, v, g, beta, layout="zigzag", cu_seqlens=torch.tensor([0, 30, 66]))
+    with pytest.raises(ValueError, match="cp_group must be a torch.distributed ProcessGroup"):
+        cp_chunk_gated_delta_rule(q, k, v, g, beta, cp_group="x")
+    with pytest.raises(ValueError, match="initial_state is not supported"):
+        cp_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 2, 8, 8))
+    # cu_seqlens that differ between ranks: caught by the debug check (check_finite), on every rank
+    from qla_megatron.ops import GDNOptions
+    cu = torch.tensor([0, 10, 66]) if rank == 0 else torch.tensor([0, 20, 66])
+    with pytest.raises(ValueError, match="cu_seqlens must be the same on every rank"):
+        cp_chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, options=GDNOptions(check_finite=True))
+    cu = torch.tensor([0, 10, 66]) if rank == 0 else torch.tensor([0, 10, 20, 66])
+    with pytest.raises(ValueError, match="lengths differ"):
+        cp_chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, options=GDNOptions(check_finite=True))
 
 
 def test_cp_bad_inputs():
@@ -114,3 +126,16 @@ def test_layout_shard_roundtrip():
     assert shard(x, "zigzag", 3, 0)[0].tolist() == [0, 1, 2, 3, 20, 21, 22, 23]
     with pytest.raises(ValueError, match="equal pieces"):
         shard(x[:, :23], "zigzag", 3, 0)
+    for cp, rank, what in ((3, 3, "rank must be"), (3, -1, "rank must be"), (0, 0, "cp must be"),
+                           (2.0, 0, "cp must be")):
+        with pytest.raises(ValueError, match=what):
+            shard(x, "contiguous", cp, rank)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard(x, "ring", 2, 0)
+    parts = [shard(x, "zigzag", 3, r) for r in range(3)]
+    with pytest.raises(ValueError, match="same shape"):
+        unshard([parts[0], parts[1], parts[2][:, :-2]], "zigzag")
+    with pytest.raises(ValueError, match="non-empty list of tensors"):
+        unshard([], "zigzag")
+    with pytest.raises(ValueError, match="2 equal pieces a rank"):
+        unshard([p[:, :-1] for p in parts], "zigzag")
