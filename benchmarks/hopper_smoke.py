@@ -86,7 +86,7 @@ def breakdown():
             out[f"grads ({name})"] = bench(lambda: hb.backward_grads(qf, kf, vf, dof, gf, bf, p.chunks, saved.Ai,
                                                                      saved.P, states, dstates, saved.scale, True))
             out[f"whole bwd ({name})"] = bench(lambda: hb.chunk_gated_delta_rule_bwd(saved, q, k, v, g, b, do, ht,
-                                                                                     True, 1))
+                                                                                     True))
         print(f"breakdown {HV}/{H} 1x{T}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in out.items()), flush=True)
 
 

@@ -22,9 +22,7 @@ class HopperGatedDeltaRule(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta)
         ctx.saved = saved
         ctx.l2norm = l2norm
-        ctx.has_initial = initial_state is not None
-        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.n_seqs = (cu_seqlens.numel() - 1) if cu_seqlens is not None else q.shape[0]
+        ctx.initial_dtype = initial_state.dtype if initial_state is not None else None   # None: no h0 grad
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -33,10 +31,9 @@ class HopperGatedDeltaRule(torch.autograd.Function):
         q, k, v, g, beta = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*v.shape, dtype=q.dtype, device=q.device)
-        dq, dk, dv, dg, db, dh0 = chunk_gated_delta_rule_bwd(ctx.saved, q, k, v, g, beta, do, dht, ctx.l2norm,
-                                                             ctx.n_seqs)
+        dq, dk, dv, dg, db, dh0 = chunk_gated_delta_rule_bwd(ctx.saved, q, k, v, g, beta, do, dht, ctx.l2norm)
         ctx.saved = None
-        dh0 = dh0.to(ctx.initial_dtype) if ctx.has_initial else None
+        dh0 = dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
         return (dq, dk, dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype), dh0) + (None,) * 5
 
 

@@ -58,7 +58,7 @@ def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, scale, 
 
 
 def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: Optional[torch.Tensor],
-                               use_qk_l2norm_in_kernel: bool, n_seqs: int):
+                               use_qk_l2norm_in_kernel: bool):
     """Gradients of the Hopper forward that produced `saved`, for the output gradient do [B, T, HV, V]
     and the final-state gradient dht [N, HV, K, V] (None: zero). Returns dq, dk, dv, dg, dbeta (in the
     shapes of q, k, v, g, beta; dg, dbeta fp32) and dh0 [N, HV, K, V] fp32."""
@@ -77,7 +77,7 @@ def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: O
                                summary=True, gate_chunks=cfg.warmup_chunks if cfg.mode == "gate" else 0)
         dht = compose(plan.bwalk, bsumm, dht, plan.NS)
     dstates = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
-    dv, dh0 = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht, n_final=n_seqs,
+    dv, dh0 = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht, n_final=saved.n_seqs,
                           dstates=dstates)
     dq, dk, dg, db = backward_grads(qf, kf, vf, dof, gf, bf, plan.chunks, saved.Ai, saved.P, states, dstates,
                                     saved.scale, bool(use_qk_l2norm_in_kernel))

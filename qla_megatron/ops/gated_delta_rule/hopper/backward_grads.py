@@ -56,6 +56,33 @@ def backward_grads_kernel(
     Tt, NC = T.dynamic("Tt, NC")
     acc = "float32"
 
+    @T.macro
+    def normalised(x, Xn_s, r_s, tmp, raw, sq, t0, n, hk):
+        # Xn_s = bf16(rows of x / ||x||) (1 / ||x|| in r_s; 1 without l2norm), pad rows (i >= n) 0;
+        # tmp: a [C, K] fp32 fragment used for the squares.
+        for i, d in T.Parallel(C, K):
+            raw[i, d] = T.if_then_else(i < n, T.cast(x[t0 + i, hk, d], acc), 0.0)
+        if l2norm:
+            for i, d in T.Parallel(C, K):
+                tmp[i, d] = raw[i, d] * raw[i, d]
+            T.reduce_sum(tmp, sq, dim=1)
+            for i in T.Parallel(C):
+                r_s[i] = T.rsqrt(sq[i] + 1e-6)
+        else:
+            for i in T.Parallel(C):
+                r_s[i] = 1.0
+        for i, d in T.Parallel(C, K):
+            Xn_s[i, d] = T.cast(raw[i, d] * r_s[i], dtype)
+
+    @T.macro
+    def through_l2norm(Xn_s, r_s, dX, raw, sq):
+        # dX <- r (dX - Xn <Xn, dX>): the gradient of the normalised rows taken back to the raw ones.
+        for i, d in T.Parallel(C, K):
+            raw[i, d] = T.cast(Xn_s[i, d], acc) * dX[i, d]
+        T.reduce_sum(raw, sq, dim=1)
+        for i, d in T.Parallel(C, K):
+            dX[i, d] = r_s[i] * (dX[i, d] - T.cast(Xn_s[i, d], acc) * sq[i])
+
     @T.prim_func
     def kernel(
         q: T.Tensor((Tt, H, K), dtype),
@@ -126,32 +153,8 @@ def backward_grads_kernel(
             run = T.alloc_local((1,), acc)
 
             # l2-normalised q, k rows (pad rows 0), in bf16 like the forward's operands.
-            for i, d in T.Parallel(C, K):
-                raw[i, d] = T.if_then_else(i < n, T.cast(q[t0 + i, hk, d], acc), 0.0)
-            if l2norm:
-                for i, d in T.Parallel(C, K):
-                    dQn[i, d] = raw[i, d] * raw[i, d]
-                T.reduce_sum(dQn, sq, dim=1)
-                for i in T.Parallel(C):
-                    rq_s[i] = T.rsqrt(sq[i] + 1e-6)
-            else:
-                for i in T.Parallel(C):
-                    rq_s[i] = 1.0
-            for i, d in T.Parallel(C, K):
-                Qn_s[i, d] = T.cast(raw[i, d] * rq_s[i], dtype)
-            for i, d in T.Parallel(C, K):
-                raw[i, d] = T.if_then_else(i < n, T.cast(k[t0 + i, hk, d], acc), 0.0)
-            if l2norm:
-                for i, d in T.Parallel(C, K):
-                    dKn[i, d] = raw[i, d] * raw[i, d]
-                T.reduce_sum(dKn, sq, dim=1)
-                for i in T.Parallel(C):
-                    rk_s[i] = T.rsqrt(sq[i] + 1e-6)
-            else:
-                for i in T.Parallel(C):
-                    rk_s[i] = 1.0
-            for i, d in T.Parallel(C, K):
-                Kn_s[i, d] = T.cast(raw[i, d] * rk_s[i], dtype)
+            normalised(q, Qn_s, rq_s, dQn, raw, sq, t0, n, hk)
+            normalised(k, Kn_s, rk_s, dKn, raw, sq, t0, n, hk)
             T.gemm(Kn_s, Kn_s, kk, transpose_B=True, clear_accum=True)
             T.clear(dQn)
             T.clear(dKn)
@@ -280,16 +283,8 @@ def backward_grads_kernel(
 
             # Through the l2norm: dx = R (dXn - Xn <Xn, dXn>).
             if l2norm:
-                for i, d in T.Parallel(C, K):
-                    raw[i, d] = T.cast(Qn_s[i, d], acc) * dQn[i, d]
-                T.reduce_sum(raw, sq, dim=1)
-                for i, d in T.Parallel(C, K):
-                    dQn[i, d] = rq_s[i] * (dQn[i, d] - T.cast(Qn_s[i, d], acc) * sq[i])
-                for i, d in T.Parallel(C, K):
-                    raw[i, d] = T.cast(Kn_s[i, d], acc) * dKn[i, d]
-                T.reduce_sum(raw, sq, dim=1)
-                for i, d in T.Parallel(C, K):
-                    dKn[i, d] = rk_s[i] * (dKn[i, d] - T.cast(Kn_s[i, d], acc) * sq[i])
+                through_l2norm(Qn_s, rq_s, dQn, raw, sq)
+                through_l2norm(Kn_s, rk_s, dKn, raw, sq)
             for i, d in T.Parallel(C, K):
                 if i < n:
                     dq[t0 + i, hk, d] = T.cast(dQn[i, d], dtype)

@@ -245,6 +245,7 @@ class ForwardSaved:
     F: torch.Tensor
     starts: Optional[torch.Tensor]     # [NS or N, HV, K, V] fp32 rows of plan.segs[:, 3], or None (zeros)
     scale: float
+    n_seqs: int                        # N: sequences (batch rows, or cu_seqlens entries - 1)
 
 
 def flat_inputs(q, k, v, g, beta):
@@ -287,7 +288,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     o, ht = forward(qf, kf, vf, Ai, P, F, plan.segs, h0=h0, n_final=N if output_final_state else 0)
     o = o.view(B, T, HV, V)
     if save_for_backward:
-        return o, ht, ForwardSaved(plan, cfg, Ai, P, F, h0, scale)
+        return o, ht, ForwardSaved(plan, cfg, Ai, P, F, h0, scale, N)
     return o, ht
 
 
