@@ -40,6 +40,21 @@ def make_inputs(B, T, H, HV, K, V, dtype=torch.float64, profile="mixed", initial
     return tensors
 
 
+def rounded_inputs(B, T, H, HV, K=128, V=128, dtype=torch.bfloat16, N=None, profile="mixed", h0=True,
+                   device="cuda"):
+    """make_inputs drawn in fp32 and rounded as a kernel call takes them: ([q, k, v in dtype, g fp32,
+    beta in dtype] on `device`, h0 fp32 or None)."""
+    q, k, v, g, beta, s0 = make_inputs(B, T, H, HV, K, V, dtype=torch.float32, profile=profile, N=N,
+                                       initial_state=h0)
+    low = [t.to(device, dtype) for t in (q, k, v)] + [g.to(device), beta.to(device, dtype)]
+    return low, (s0.to(device) if h0 else None)
+
+
+def offsets(lens, device="cuda"):
+    """cu_seqlens (int64) of packed sequences of these lengths."""
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device=device)
+
+
 def rel(a, b):
     """Relative L2 error ||a - b|| / ||b|| in float64."""
     a, b = a.detach().double(), b.detach().double()

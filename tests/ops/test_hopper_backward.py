@@ -19,7 +19,7 @@ from qla_megatron.ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qla_megatron.ops.gated_delta_rule import which_backend
 from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
 
-from .gdr_inputs import make_inputs, rel
+from .gdr_inputs import offsets, rel, rounded_inputs
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-2
@@ -33,14 +33,6 @@ def poison():
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import poison_outputs
     with poison_outputs():
         yield
-
-
-def _inputs(B, T, H, HV, K=128, V=128, dtype=torch.bfloat16, N=None, profile="mixed", h0=True):
-    q, k, v, g, beta, s0 = make_inputs(B, T, H, HV, K, V, dtype=torch.float32, profile=profile, N=N,
-                                       initial_state=h0)
-    dev = torch.device("cuda")
-    low = [t.to(dev, dtype) for t in (q, k, v)] + [g.to(dev), beta.to(dev, dtype)]
-    return low, (s0.to(dev) if h0 else None)
 
 
 def _grads(fn, low, h0, do, dht):
@@ -106,21 +98,21 @@ def check(name, low, h0=None, cu=None, intra_cp=None, **kw):
 @pytest.mark.parametrize("H,HV", HEADS, ids=[f"H{h}-HV{hv}" for h, hv in HEADS])
 @pytest.mark.parametrize("B,T", [(2, 200), (1, 1000)], ids=["B2-T200", "B1-T1000"])
 def test_heads(B, T, H, HV):
-    low, h0 = _inputs(B, T, H, HV)
+    low, h0 = rounded_inputs(B, T, H, HV)
     check(f"H{H}/HV{HV} B{B} T{T}", low, h0)
 
 
 def test_varlen_many_short_one_long():
     lens = [1, 16, 63, 64, 65, 3, 127, 1500, 200, 7]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device="cuda")
-    low, h0 = _inputs(1, sum(lens), 4, 16, N=len(lens))
+    cu = offsets(lens)
+    low, h0 = rounded_inputs(1, sum(lens), 4, 16, N=len(lens))
     check("varlen", low, h0, cu)
 
 
 @pytest.mark.parametrize("h0,final", [(False, False), (False, True), (True, False)],
                          ids=["no-h0-no-final", "no-h0", "no-final"])
 def test_without_initial_or_final_state(h0, final):
-    low, s0 = _inputs(2, 300, 2, 8, h0=h0)
+    low, s0 = rounded_inputs(2, 300, 2, 8, h0=h0)
     check(f"h0={h0} final={final}", low, s0, final=final)
 
 
@@ -134,11 +126,11 @@ def test_intra_cp_on_off(profile, varlen, mode):
     H, HV = 2, 8
     if varlen:
         lens = [700, 5, 1100, 64]
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device="cuda")
-        low, h0 = _inputs(1, sum(lens), H, HV, N=len(lens), profile=profile)
+        cu = offsets(lens)
+        low, h0 = rounded_inputs(1, sum(lens), H, HV, N=len(lens), profile=profile)
     else:
         cu = None
-        low, h0 = _inputs(2, 1000, H, HV, profile=profile)
+        low, h0 = rounded_inputs(2, 1000, H, HV, profile=profile)
     case = Case(low, h0, cu)
     case.check(f"intra-cp off {profile} varlen={varlen}", IntraCPConfig(enabled=False))
     for seg in (64, 128, 512):
@@ -147,7 +139,7 @@ def test_intra_cp_on_off(profile, varlen, mode):
 
 
 def test_long_sequence_and_no_l2norm():
-    low, h0 = _inputs(1, 64 * 37 + 5, 2, 8)
+    low, h0 = rounded_inputs(1, 64 * 37 + 5, 2, 8)
     case = Case(low, h0)
     case.check("T=2373", IntraCPConfig(enabled=False))
     case.check("T=2373 intra-cp 256", IntraCPConfig(segment_len=256))
@@ -157,13 +149,13 @@ def test_long_sequence_and_no_l2norm():
 
 
 def test_fp16_and_scale():
-    low, h0 = _inputs(1, 300, 2, 4, dtype=torch.float16)
+    low, h0 = rounded_inputs(1, 300, 2, 4, dtype=torch.float16)
     check("fp16 scale=0.3", low, h0, scale=0.3)
 
 
 def test_extreme_inputs():
     """Valid but extreme: g very negative everywhere (every decay underflows), beta near 0 and near 1."""
-    low, h0 = _inputs(1, 500, 2, 8)
+    low, h0 = rounded_inputs(1, 500, 2, 8)
     g = low[3]
     low[3] = torch.full_like(g, -60.0)
     check("g=-60", low, h0)
@@ -178,7 +170,7 @@ def test_reruns_bit_identical():
     """Gradients of 1000 reruns on one input (intra-card CP on) are bit-identical: no atomics, the
     v-heads of a qk-head summed in a fixed order."""
     from qla_megatron.ops.gated_delta_rule.hopper.autograd import run
-    low, h0 = _inputs(1, 777, 2, 8)
+    low, h0 = rounded_inputs(1, 777, 2, 8)
     cfg = IntraCPConfig(segment_len=128)
     do = torch.randn(1, 777, 8, 128, device="cuda", dtype=torch.bfloat16)
     leaves = [t.detach().clone().requires_grad_(True) for t in low] + [h0.clone().requires_grad_(True)]
@@ -196,10 +188,10 @@ def test_reruns_bit_identical():
 def test_auto_trains_on_the_kernels():
     """backend="auto" runs forward and backward on the kernels; V = 64 or 256 with a backward to come
     falls back to torch (backend="tilelang" names the limit)."""
-    low, h0 = _inputs(1, 100, 2, 4)
+    low, h0 = rounded_inputs(1, 100, 2, 4)
     assert which_backend(*low[:3], requires_grad=True) == "tilelang"
     for V in (64, 256):
-        other, _ = _inputs(1, 100, 2, 4, V=V)
+        other, _ = rounded_inputs(1, 100, 2, 4, V=V)
         assert which_backend(*other[:3]) == "tilelang"
         assert which_backend(*other[:3], requires_grad=True) == "torch"
         leaves = [t.detach().clone().requires_grad_(True) for t in other]

@@ -8,7 +8,7 @@ from qla_megatron.ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qla_megatron.ops.gated_delta_rule import which_backend
 from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
 
-from .gdr_inputs import make_inputs, rel
+from .gdr_inputs import offsets, rel, rounded_inputs
 
 pytestmark = pytest.mark.gpu
 TOL = 5e-3
@@ -20,13 +20,6 @@ def poison():
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import poison_outputs
     with poison_outputs():
         yield
-
-
-def _inputs(B, T, H, HV, K=128, V=128, dtype=torch.bfloat16, N=None, profile="mixed"):
-    q, k, v, g, beta, h0 = make_inputs(B, T, H, HV, K, V, dtype=torch.float32, profile=profile, N=N)
-    dev = torch.device("cuda")
-    low = [t.to(dev, dtype) for t in (q, k, v)] + [g.to(dev), beta.to(dev, dtype)]
-    return low, h0.to(dev)
 
 
 def _reference(low, h0, cu=None, scale=None):
@@ -51,7 +44,7 @@ def _check(o, s, ro, rs):
 @pytest.mark.parametrize("H,HV", HEADS, ids=[f"H{h}-HV{hv}" for h, hv in HEADS])
 @pytest.mark.parametrize("B,T", [(2, 200), (1, 64), (1, 1)], ids=["B2-T200", "B1-T64", "B1-T1"])
 def test_heads(B, T, H, HV):
-    low, h0 = _inputs(B, T, H, HV)
+    low, h0 = rounded_inputs(B, T, H, HV)
     o, s = chunk_gated_delta_rule(*low, initial_state=h0, output_final_state=True,
                                   use_qk_l2norm_in_kernel=True, backend="tilelang")
     _check(o, s, *_reference(low, h0))
@@ -59,8 +52,8 @@ def test_heads(B, T, H, HV):
 
 def test_varlen_many_short_one_long():
     lens = [1, 16, 63, 64, 65, 3, 127, 1500, 200, 7]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device="cuda")
-    low, h0 = _inputs(1, sum(lens), 4, 16, N=len(lens))
+    cu = offsets(lens)
+    low, h0 = rounded_inputs(1, sum(lens), 4, 16, N=len(lens))
     o, s = chunk_gated_delta_rule(*low, initial_state=h0, output_final_state=True, cu_seqlens=cu,
                                   use_qk_l2norm_in_kernel=True, backend="tilelang")
     _check(o, s, *_reference(low, h0, cu))
@@ -72,11 +65,11 @@ def test_intra_cp_on_off(profile, varlen):
     H, HV = 2, 8
     if varlen:
         lens = [700, 5, 1100, 64]
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.long, device="cuda")
-        low, h0 = _inputs(1, sum(lens), H, HV, N=len(lens), profile=profile)
+        cu = offsets(lens)
+        low, h0 = rounded_inputs(1, sum(lens), H, HV, N=len(lens), profile=profile)
     else:
         cu = None
-        low, h0 = _inputs(2, 1000, H, HV, profile=profile)
+        low, h0 = rounded_inputs(2, 1000, H, HV, profile=profile)
     ref = _reference(low, h0, cu)
     off = _hopper(low, h0, cu, IntraCPConfig(enabled=False))
     _check(*off, *ref)
@@ -88,14 +81,14 @@ def test_intra_cp_on_off(profile, varlen):
 
 def test_other_value_dims_and_fp16_and_scale():
     for V in (64, 256):
-        low, h0 = _inputs(1, 300, 2, 4, V=V)
+        low, h0 = rounded_inputs(1, 300, 2, 4, V=V)
         _check(*_hopper(low, h0), *_reference(low, h0))
-    low, h0 = _inputs(1, 300, 2, 4, dtype=torch.float16)
+    low, h0 = rounded_inputs(1, 300, 2, 4, dtype=torch.float16)
     _check(*_hopper(low, h0, scale=0.3), *_reference(low, h0, scale=0.3))
 
 
 def test_reruns_bit_identical():
-    low, h0 = _inputs(1, 777, 2, 8)
+    low, h0 = rounded_inputs(1, 777, 2, 8)
     cfg = IntraCPConfig(segment_len=128)
     o0, s0 = _hopper(low, h0, None, cfg)
     for _ in range(1000):
@@ -104,7 +97,7 @@ def test_reruns_bit_identical():
 
 
 def test_dispatch():
-    low, _ = _inputs(1, 10, 2, 4)
+    low, _ = rounded_inputs(1, 10, 2, 4)
     assert which_backend(*low[:3]) == "tilelang"
     assert which_backend(*(t.float() for t in low[:3])) == "torch"
     q, k, v = (torch.zeros(1, 4, 1, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -119,7 +112,7 @@ def test_long_sequence_against_recurrence(l2norm):
     """Many chunks (the kernels' shared-memory slots wrap around often), with and without l2norm in the
     kernel, intra-card CP off and on."""
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import chunk_gated_delta_rule_fwd
-    low, h0 = _inputs(1, 64 * 37 + 5, 2, 8)
+    low, h0 = rounded_inputs(1, 64 * 37 + 5, 2, 8)
     if not l2norm:
         low[0] = torch.nn.functional.normalize(low[0].float(), dim=-1).to(low[0].dtype)
         low[1] = torch.nn.functional.normalize(low[1].float(), dim=-1).to(low[1].dtype)
@@ -142,11 +135,11 @@ def test_gate_driven_intra_cp(varlen):
     H, HV, K, n = 2, 8, 128, 4
     if varlen:
         lens = [2000, 37, 1500, 700]
-        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda")
-        low, h0 = _inputs(1, sum(lens), H, HV, N=len(lens))
+        cu = offsets(lens)
+        low, h0 = rounded_inputs(1, sum(lens), H, HV, N=len(lens))
     else:
         cu = None
-        low, h0 = _inputs(1, 64 * 40 + 7, H, HV)
+        low, h0 = rounded_inputs(1, 64 * 40 + 7, H, HV)
     q, k, v, g, beta = low
     Tt = q.shape[0] * q.shape[1]
     plan = hc._make_plan(tuple(hc.sequence_bounds(*q.shape[:2], cu)), 512, torch.device("cuda"))
