@@ -34,6 +34,7 @@ from qla_megatron.parallel.layouts import check_layout
 from .checkpoint import gdn_sharded_state_dict
 from .config import gdn_sizes
 from .conv import causal_depthwise_conv1d
+from .kernels import causal_conv1d_silu, gate_head, gated_rms_norm
 from .inputs import check_hidden_states, packed_cu_seqlens
 
 __all__ = ["GatedDeltaNet", "GatedDeltaNetSubmodules"]
@@ -97,6 +98,10 @@ class GatedDeltaNet(MegatronModule):
         self.options = resolve_options(options)  # resolved once here: no per-call default look-up
         check_layout(cp_layout)
         self.cp_layout = cp_layout
+        # The conv + SiLU, decay head and gated norm as Triton kernels on CUDA tensors (layers.kernels);
+        # the CPU always runs the torch path. Set False to run the torch path on a GPU too (a debug and
+        # comparison switch, e.g. the GPU tests of the kernels against it).
+        self.triton_kernels = True
         # Selective recompute of the gated out_norm (Megatron's "gdn_norm_out"): its output, the
         # out_proj input, is freed after the forward and recomputed when out_proj's gradient arrives.
         self.recompute_norm_out = (config.recompute_granularity == "selective"
@@ -187,15 +192,20 @@ class GatedDeltaNet(MegatronModule):
         hv = s.num_v_heads_local_tp
         qkv, z, beta, alpha = torch.split(qkvzba, [s.conv_dim_local_tp, s.v_dim_local_tp, hv, hv], dim=-1)
 
-        qkv = F.silu(self.causal_conv(qkv, cu_seqlens))
+        fused = self.uses_kernels(qkvzba)
+        qkv = self.causal_conv(qkv, cu_seqlens, fused)  # conv + SiLU
         q, k, v = torch.split(qkv, list(s.conv_split_sections), dim=-1)
         q = q.reshape(batch, seq_len, s.num_k_heads_local_tp, s.key_head_dim)
         k = k.reshape(batch, seq_len, s.num_k_heads_local_tp, s.key_head_dim)
         v = v.reshape(batch, seq_len, hv, s.value_head_dim)
         # Decay in float32 (float64 for float64 inputs): g = -exp(A_log) * softplus(alpha + dt_bias) <= 0.
-        gdt = torch.promote_types(alpha.dtype, torch.float32)
-        g = -self.A_log.to(gdt).exp() * F.softplus(alpha.to(gdt) + self.dt_bias.to(gdt))
-        o = self.gated_delta_rule(q, k, v, g, beta.sigmoid(), cu_seqlens)
+        if fused:
+            g, beta = gate_head(alpha, beta, self.A_log, self.dt_bias)
+        else:
+            gdt = torch.promote_types(alpha.dtype, torch.float32)
+            g = -self.A_log.to(gdt).exp() * F.softplus(alpha.to(gdt) + self.dt_bias.to(gdt))
+            beta = beta.sigmoid()
+        o = self.gated_delta_rule(q, k, v, g, beta, cu_seqlens)
 
         z = z.reshape(batch, seq_len, hv, s.value_head_dim)
         if not self.recompute_norm_out:
@@ -209,14 +219,22 @@ class GatedDeltaNet(MegatronModule):
 
     # --- sequence mixing: the CP seam -------------------------------------------------------------
 
-    def causal_conv(self, qkv: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
-        """Depthwise causal conv over [b, s, conv_dim_local_tp]; packed sequences kept apart.
-        Under CP, the kernel-1 tokens before each local segment come from their owner (conv halo)."""
-        if self.cp_size == 1:
-            return causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
-        return cp_causal_depthwise_conv1d(qkv, self.conv1d.weight, self.conv1d.bias,
-                                          cp_group=self.pg_collection.cp, layout=self.cp_layout,
-                                          cu_seqlens=cu_seqlens)
+    def uses_kernels(self, t: torch.Tensor) -> bool:
+        """Whether this call runs the Triton kernels (conv + SiLU, decay head, gated norm): CUDA
+        tensors of a half or float32 dtype with `triton_kernels` on; otherwise the torch path."""
+        return self.triton_kernels and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+    def causal_conv(self, qkv: torch.Tensor, cu_seqlens: Optional[torch.Tensor], fused: bool = False) -> torch.Tensor:
+        """SiLU of the depthwise causal conv over [b, s, conv_dim_local_tp]; packed sequences kept
+        apart. Under CP, the kernel-1 tokens before each local segment come from their owner (conv
+        halo). fused: one Triton kernel reading qkv in place (layers.kernels.causal_conv1d_silu)."""
+        w, b = self.conv1d.weight, self.conv1d.bias
+        if self.cp_size > 1:
+            return cp_causal_depthwise_conv1d(qkv, w, b, cp_group=self.pg_collection.cp, layout=self.cp_layout,
+                                              cu_seqlens=cu_seqlens, silu=True, fused=fused)
+        if fused:
+            return causal_conv1d_silu(qkv, w, b, cu_seqlens=cu_seqlens)
+        return F.silu(causal_depthwise_conv1d(qkv, w, b, cu_seqlens))
 
     def gated_delta_rule(self, q, k, v, g, beta, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """q, k [b, s, hk, K], v [b, s, hv, V], g, beta [b, s, hv] -> o [b, s, hv, V].
@@ -235,8 +253,15 @@ class GatedDeltaNet(MegatronModule):
 
     def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z [b, s, hv, V] -> [s, b, hv * V]: RMSNorm over each value head times SiLU of the output
-        gate z (in float32 at least), in out_proj's layout."""
+        gate z (in float32 at least), in out_proj's layout. With the kernels and a torch RMSNorm
+        out_norm: one Triton kernel, fp32 in registers, stored in out_proj's layout."""
         b, s_len, hv, dv = o.shape
+        norm = self.out_norm
+        if (self.uses_kernels(o) and type(norm) is torch.nn.RMSNorm and norm.weight is not None
+                and dv <= 8192):
+            eps = norm.eps if norm.eps is not None else torch.finfo(o.dtype).eps
+            o = o if o.stride(-1) == 1 else o.contiguous()
+            return gated_rms_norm(o, z, norm.weight, eps, out_layout="sbd")
         normed = self.out_norm(o.reshape(-1, dv))
         gate = z.reshape(-1, dv).to(torch.promote_types(z.dtype, torch.float32))
         out = (normed * F.silu(gate)).to(o.dtype)

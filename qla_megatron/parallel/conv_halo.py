@@ -39,7 +39,8 @@ def _local_pieces(T: int, layout: str, cp: int, rank: int, cu_seqlens):
 
 
 def cp_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None, cp_group=None,
-                               layout: str = "contiguous", cu_seqlens=None) -> torch.Tensor:
+                               layout: str = "contiguous", cu_seqlens=None, *, silu: bool = False,
+                               fused: bool = False) -> torch.Tensor:
     """This rank's slice of the causal depthwise conv of the whole sequence(s).
 
     Args:
@@ -47,6 +48,9 @@ def cp_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None,
         weight: [D, 1, W] (nn.Conv1d(groups=D) weight); bias: [D] or None.
         cu_seqlens: global offsets of packed sequences (B = 1; zigzag layout only), as in
             cp_chunk_gated_delta_rule.
+        silu: apply SiLU to the output.
+        fused: run qla_megatron.layers.kernels.causal_conv1d_silu (CUDA tensors): one launch over all
+            pieces, each with its halo as the initial state, x read in place; else torch's conv1d.
     Returns:
         [B, T_local, D]. Every rank all-gathers the last W - 1 tokens of each of its pieces (a few KB
         per piece), then convolves [halo | piece]; the first piece of a sequence gets zeros.
@@ -62,10 +66,20 @@ def cp_causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias=None,
     parts = x.split([length for length, _ in pieces], dim=1)
     tails = torch.stack([p[:, p.shape[1] - (W - 1):] for p in parts])       # [n_pieces, B, W - 1, D]
     gathered = all_gather_stacked(tails, cp_group)                         # [cp, n_pieces, B, W - 1, D]
+    # zeros before a sequence, kept in the graph so that every rank joins the backward all-reduce
+    halos = [gathered[prev] if prev is not None else gathered[0, 0] * 0 for _, prev in pieces]
+    if fused:
+        from qla_megatron.layers.kernels import causal_conv1d_silu
+
+        bounds = [0]
+        for length, _ in pieces:
+            bounds.append(bounds[-1] + length)
+        local_cu = torch.tensor(bounds, dtype=torch.int32).to(x.device, non_blocking=True)
+        initial = torch.stack(halos, dim=1)                                  # [B, n_pieces, W - 1, D]
+        return causal_conv1d_silu(x, weight, bias, cu_seqlens=local_cu, initial_state=initial, silu=silu)
     outs = []
-    for part, (_, prev) in zip(parts, pieces):
-        # zeros before a sequence, kept in the graph so that every rank joins the backward all-reduce
-        halo = gathered[prev] if prev is not None else gathered[0, 0] * 0
+    for part, halo in zip(parts, halos):
         with_halo = torch.cat([halo, part], dim=1).transpose(1, 2)          # [B, D, W - 1 + length]
         outs.append(F.conv1d(with_halo, weight, bias, groups=D).transpose(1, 2))
-    return torch.cat(outs, dim=1)
+    y = torch.cat(outs, dim=1)
+    return F.silu(y) if silu else y
