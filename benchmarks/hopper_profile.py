@@ -1,4 +1,4 @@
-"""One launch of each Hopper forward stage at 32/16 heads x 32768 tokens, for Nsight Compute.
+"""One launch of each Hopper stage at 32/16 heads x 32768 tokens, for Nsight Compute.
 
     source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -8,6 +8,12 @@
     source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \
         --section SourceCounters --section WarpStateStats -o prep python benchmarks/hopper_profile.py
     ncu --import prep.ncu-rep --page source --print-source sass --csv > prep_sass.csv
+
+`--only NAME` (a stage's name up to its first space: prepare, summary, main, states, walk, grads)
+profiles that stage alone, e.g. the backward's gradient kernel:
+    source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \
+        --section SourceCounters --section WarpStateStats --section SpeedOfLight -o grads \
+        python benchmarks/hopper_profile.py --only grads
 
 The stages run once outside the profiled range (compiles, warm-up), then once between
 cudaProfilerStart / Stop: prepare, the summary (exact, then gate-driven), the main pass over the
@@ -23,6 +29,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from qla_megatron.ops.gated_delta_rule.hopper import backward as hb  # noqa: E402
 from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc  # noqa: E402
 
 
@@ -46,13 +53,25 @@ def main():
     def fw(segs, **kw):
         return hc.forward(q, k, v, *factors, segs, **kw)
 
+    # The backward's stages on the planned segments (chunk_gated_delta_rule_bwd's order, dht = 0).
+    Ai, P, F = factors
+    do = torch.randn_like(v)
+    states = torch.randn(p.NC, HV, K, K, device=dev).bfloat16()      # filled by the states pass
+    dstates = torch.randn_like(states)                               # filled by the walk
+    dht = torch.zeros(p.NS, HV, K, K, device=dev)
     calls = {
         "prepare": lambda: hc.prepare(q, k, g, b, whole.chunks, HV, 0.1, True),
         "summary": lambda: fw(p.sum_segs, n_final=NSS, summary=True),
         "summary gate-driven": lambda: fw(p.sum_segs, n_final=NSS, summary=True, gate_chunks=4),
         f"main pass, {p.NS} segments": lambda: fw(p.segs, h0=h0, n_final=1),
         "main pass, whole sequence": lambda: fw(whole.segs, n_final=1),
+        "states pass": lambda: fw(p.segs, h0=h0, states=states, emit_o=False),
+        "walk (adjoint)": lambda: hb.backward_dh(q, k, do, Ai, P, F, p.bsegs, dht=dht, n_final=1, dstates=dstates),
+        "grads": lambda: hb.backward_grads(q, k, v, do, g, b, p.chunks, Ai, P, states, dstates, 0.1, True),
     }
+    if "--only" in sys.argv:
+        only = sys.argv[sys.argv.index("--only") + 1]
+        calls = {n: f for n, f in calls.items() if n.split()[0] == only}
     for f in calls.values():
         f()
     torch.cuda.synchronize()

@@ -151,6 +151,12 @@ def backward_grads_kernel(
             r_sd = T.alloc_fragment((C,), acc)       # S . dS, K rows folded onto C
             db_s = T.alloc_shared((C,), acc)
             run = T.alloc_local((1,), acc)
+            edx_s = T.alloc_shared((C,), acc)         # ed_s shifted by one: its inclusive scan is exclusive
+            gam_s = T.alloc_shared((C,), acc)         # exp(G_i)
+            e_s = T.alloc_shared((C,), acc)           # exp(G_C - G_i)
+            # exp(G_i) in registers, in the row layout of the [C, V] fragments, for the loop that also
+            # stores to shared memory (which would otherwise reload it for every element).
+            gam_v = T.alloc_fragment((C,), acc)
 
             # l2-normalised q, k rows (pad rows 0), in bf16 like the forward's operands.
             normalised(q, Qn_s, rq_s, dQn, raw, sq, t0, n, hk)
@@ -171,12 +177,20 @@ def backward_grads_kernel(
                     dO_s[i, d] = T.if_then_else(i < n, do[t0 + i, hv, d], T.cast(0, dtype))
                 T.copy(Ai[ic, hv, :, :], Ai_s)
                 T.copy(P[ic, hv, :, :], P_s)
-                # Inclusive prefix sum of g, one token a thread, in a fixed order (masked terms +0).
+                # Inclusive prefix sum of g, one token a thread: the same additions in the same order as
+                # prepare.py's (masked terms add +0), so Gamma here is bit for bit the Gamma in Ai and P (a
+                # warp scan's different order moved dg by 1e-2 on decaying heads); then the gate factors
+                # of each row, exp'd once.
                 if tx < C:
                     run[0] = 0.0
                     for j in T.unroll(C):
                         run[0] = run[0] + T.if_then_else(j <= tx, g_raw[j], 0.0)
                     G_s[tx] = run[0]
+                for i in T.Parallel(C):
+                    gam_s[i] = T.exp2(G_s[i] * LOG2E)
+                    e_s[i] = T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)
+                for i in T.Parallel(C):
+                    gam_v[i] = gam_s[i]
 
                 # Forward terms: KS, QS, Y, Vd.
                 T.gemm(Kn_s, S_s, F1, clear_accum=True)
@@ -185,9 +199,9 @@ def backward_grads_kernel(
                     W1[i, d] = T.cast(dO_s[i, d], acc) * F2[i, d]
                 T.reduce_sum(W1, r_qs, dim=1)
                 for i in T.Parallel(C):
-                    dG_s[i] = sc * T.exp2(G_s[i] * LOG2E) * r_qs[i]
+                    dG_s[i] = sc * gam_s[i] * r_qs[i]
                 for i, d in T.Parallel(C, V):
-                    X_s[i, d] = T.cast(T.cast(V_s[i, d], acc) - T.exp2(G_s[i] * LOG2E) * F1[i, d], dtype)
+                    X_s[i, d] = T.cast(T.cast(V_s[i, d], acc) - gam_v[i] * F1[i, d], dtype)
                 for i, j in T.Parallel(C, C):
                     M1_s[i, j] = T.cast(T.cast(Ai_s[i, j], acc) * b_s[j], dtype)
                 T.gemm(M1_s, X_s, F2, clear_accum=True)        # Vd
@@ -200,22 +214,22 @@ def backward_grads_kernel(
                     W1[i, d] = F3[i, d] * F2[i, d]
                 T.reduce_sum(W1, r_ed, dim=1)
                 for i in T.Parallel(C):
-                    ed_s[i] = r_ed[i] * T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)   # e_i <Kn dS, Vd>_i
+                    ed_s[i] = r_ed[i] * e_s[i]                                   # e_i <Kn dS, Vd>_i
                 for i, d in T.Parallel(C, V):
-                    F3[i, d] = F3[i, d] * T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)
+                    F3[i, d] = F3[i, d] * e_s[i]
                 T.gemm(P_s, dO_s, F3, transpose_A=True)
                 for i, d in T.Parallel(C, V):
                     X_s[i, d] = T.cast(F3[i, d], dtype)
                 # T = Ai^T dVd
                 T.gemm(Ai_s, X_s, F3, transpose_A=True, clear_accum=True)
                 for i, d in T.Parallel(C, V):
-                    W1[i, d] = F3[i, d] * (T.cast(V_s[i, d], acc) - T.exp2(G_s[i] * LOG2E) * F1[i, d])
+                    W1[i, d] = F3[i, d] * (T.cast(V_s[i, d], acc) - gam_s[i] * F1[i, d])
                 T.reduce_sum(W1, r_ty, dim=1)         # dbeta through Vd's diag(b)
                 for i, d in T.Parallel(C, V):
                     W1[i, d] = F3[i, d] * F1[i, d]
                 T.reduce_sum(W1, r_tk, dim=1)
                 for i in T.Parallel(C):
-                    dG_s[i] = dG_s[i] - T.exp2(G_s[i] * LOG2E) * b_s[i] * r_tk[i]
+                    dG_s[i] = dG_s[i] - gam_s[i] * b_s[i] * r_tk[i]
                     db_s[i] = r_ty[i]
                 for i, d in T.Parallel(C, V):
                     X_s[i, d] = T.cast(F3[i, d], dtype)
@@ -255,14 +269,14 @@ def backward_grads_kernel(
                 # dq, dk contributions of this v-head.
                 T.gemm(dO_s, S_s, F1, transpose_B=True, clear_accum=True)   # dO S^T  [C, K]
                 for i, d in T.Parallel(C, K):
-                    dQn[i, d] = dQn[i, d] + sc * T.exp2(G_s[i] * LOG2E) * F1[i, d]
+                    dQn[i, d] = dQn[i, d] + sc * gam_s[i] * F1[i, d]
                 T.gemm(M1_s, Kn_s, dQn)
                 T.gemm(X_s, S_s, F1, transpose_B=True, clear_accum=True)    # T S^T
                 for i, d in T.Parallel(C, K):
-                    dKn[i, d] = dKn[i, d] - T.exp2(G_s[i] * LOG2E) * b_s[i] * F1[i, d]
+                    dKn[i, d] = dKn[i, d] - gam_s[i] * b_s[i] * F1[i, d]
                 T.gemm(Vd_s, dS_s, F1, transpose_B=True, clear_accum=True)  # Vd dS^T
                 for i, d in T.Parallel(C, K):
-                    dKn[i, d] = dKn[i, d] + T.exp2((G_s[C - 1] - G_s[i]) * LOG2E) * F1[i, d]
+                    dKn[i, d] = dKn[i, d] + e_s[i] * F1[i, d]
                 T.gemm(M1_s, Qn_s, dKn, transpose_A=True)
                 T.gemm(dKK_s, Kn_s, dKn)
                 T.gemm(dKK_s, Kn_s, dKn, transpose_A=True)
@@ -270,24 +284,29 @@ def backward_grads_kernel(
                 # dg_t = sum_{j >= t} dG_j + gC <S, dS> + sum_{j < t} e_j <Kn dS, Vd>_j (module
                 # docstring: the e terms enter as an exclusive prefix sum, not as a total minus a
                 # suffix, which would cancel catastrophically where e_t ~ 1 and dg_t ~ 0); dbeta.
+                # Three warp scans: dG reversed, ed shifted by one (exclusive), sd (its last entry the total).
+                for i in T.Parallel(C):
+                    edx_s[i] = T.if_then_else(i > 0, ed_s[T.max(i - 1, 0)], 0.0)
+                T.cumsum(src=dG_s, dst=dG_s, dim=0, reverse=True)
+                T.cumsum(src=edx_s, dst=edx_s, dim=0)
+                T.cumsum(src=sd_s, dst=sd_s, dim=0)
                 for i in T.Parallel(C):
                     if i < n:
+                        dg[t0 + i, hv] = dG_s[i] + edx_s[i] + gam_s[C - 1] * sd_s[C - 1]
                         dbeta[t0 + i, hv] = db_s[i]
-                if tx < C:
-                    run[0] = 0.0
-                    for j in T.unroll(C):
-                        run[0] = run[0] + T.if_then_else(j >= tx, dG_s[j], T.if_then_else(j < tx, ed_s[j], 0.0)) \
-                            + sd_s[j] * T.exp2(G_s[C - 1] * LOG2E)
-                    if tx < n:
-                        dg[t0 + tx, hv] = run[0]
 
             # Through the l2norm: dx = R (dXn - Xn <Xn, dXn>).
             if l2norm:
                 through_l2norm(Qn_s, rq_s, dQn, raw, sq)
                 through_l2norm(Kn_s, rk_s, dKn, raw, sq)
+            # Out through shared memory (Qn_s, Kn_s are done with): whole 16-byte row pieces to global
+            # memory instead of the accumulator layout's 4-byte pairs.
+            for i, d in T.Parallel(C, K):
+                Qn_s[i, d] = T.cast(dQn[i, d], dtype)
+                Kn_s[i, d] = T.cast(dKn[i, d], dtype)
             for i, d in T.Parallel(C, K):
                 if i < n:
-                    dq[t0 + i, hk, d] = T.cast(dQn[i, d], dtype)
-                    dk[t0 + i, hk, d] = T.cast(dKn[i, d], dtype)
+                    dq[t0 + i, hk, d] = Qn_s[i, d]
+                    dk[t0 + i, hk, d] = Kn_s[i, d]
 
     return kernel
