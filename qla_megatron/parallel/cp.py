@@ -4,8 +4,8 @@ Each rank holds one segment of every sequence ("contiguous") or two ("zigzag", M
 It summarises its segments, S_end = M S_start + S_ext (ops.segment_summary), all-gathers the
 summaries (fp32, H K (K + V) per segment: independent of the sequence length), composes the start
 state of each of its segments in global order, and runs its segments from those starts. This is the
-same mechanism as intra-card context parallelism (ops.segmented_chunk_gated_delta_rule), with ranks
-in place of segments. Differentiable: the gradient of a start state flows back through the gathered
+same mechanism as intra-card context parallelism (ops.segmented_chunk_gated_delta_rule, hopper/),
+with ranks in place of segments, and the same composition (ops.gated_delta_rule.segments.compose). Differentiable: the gradient of a start state flows back through the gathered
 summaries to the ranks that made them.
 """
 
@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from qla_megatron.ops import chunk_gated_delta_rule, compose_segments, segment_summary
+from qla_megatron.ops import chunk_gated_delta_rule, segment_summary
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
 from qla_megatron.ops.gated_delta_rule.options import resolve_options
+from qla_megatron.ops.gated_delta_rule.segment_plan import chain_walk
+from qla_megatron.ops.gated_delta_rule.segments import compose
 
 from .collectives import all_gather_stacked
 from .layouts import check_layout, global_segments, zigzag_owner
@@ -119,8 +121,11 @@ def _summary(k, v, g, beta, kw, cu_seqlens=None):
 
 def _compose(ordered, K: int):
     """Start states of consecutive segments from their [M | S_ext] summaries in global order
-    [NS, ..., K, K + V], the first from zeros that stay in the graph."""
-    return compose_segments(ordered[..., K:], ordered[..., :K], start=_connected_zero(ordered[0, ..., K:]))[0]
+    [NS, ..., K, K + V] (the leading dims batch sequences: one product per step for all), the first
+    from zeros that stay in the graph: segments.compose on a one-chain walk, as intra-card CP
+    composes (the torch implementation; differentiable)."""
+    NS = ordered.shape[0]
+    return compose(chain_walk(NS - 1), ordered, _connected_zero(ordered[:1, ..., K:]), NS)
 
 
 def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):

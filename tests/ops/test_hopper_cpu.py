@@ -8,6 +8,7 @@ import torch
 
 from qla_megatron.ops.gated_delta_rule.hopper import backward as hback
 from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk
+from qla_megatron.ops.gated_delta_rule.segments import compose
 
 from .gdr_inputs import make_inputs, rel
 
@@ -103,15 +104,15 @@ def test_forward_algebra_matches_recurrence(T, l2norm):
 @pytest.mark.parametrize("bounds,seg_len", [((0, 1000), 128), ((0, 300, 310, 1000, 1100, 1164), 128),
                                             ((0, 64, 640, 700), 64)])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_compose_starts_matches_a_plain_walk(bounds, seg_len, with_h0):
-    """compose_starts (the walk tables compose_kernel reads: summary and main-pass rows per sequence
+def test_compose_matches_a_plain_walk(bounds, seg_len, with_h0):
+    """segments.compose, the torch reference (the walk tables compose_kernel reads: summary and main-pass rows per sequence
     and step) gives every main-pass segment the start state of a plain per-sequence walk
     Z[j + 1] = M[j] Z[j] + S_ext[j] found from the segments' tokens (float64 on the CPU)."""
     plan = hchunk._make_plan(bounds, seg_len, torch.device("cpu"))
     N, HV, K, V = len(bounds) - 1, 2, 8, 4
     summ = torch.randn(plan.sum_segs.shape[0], HV, K, K + V, dtype=torch.float64) * 0.3
     h0 = torch.randn(N, HV, K, V, dtype=torch.float64) if with_h0 else None
-    got = hchunk.compose_starts(plan.walk, summ.float(), h0.float() if with_h0 else None, plan.NS, K)
+    got = compose(plan.walk, summ.float(), h0.float() if with_h0 else None, plan.NS)
     seq_of = lambda t: max(n for n in range(N) if bounds[n] <= t)
     summary_at = {int(r[0]): int(r[4]) for r in plan.sum_segs}     # segment start token -> summary row
     for row, seg in enumerate(plan.segs.tolist()):
@@ -218,7 +219,7 @@ def test_backward_walk_matches_a_plain_reverse_walk(bounds, seg_len, with_dht):
     N, HV, K, V = len(bounds) - 1, 2, 8, 4
     bsumm = torch.randn(plan.bsum_segs.shape[0], HV, K, K + V, dtype=torch.float64) * 0.3
     dht = torch.randn(N, HV, K, V, dtype=torch.float64) if with_dht else None
-    got = hchunk.compose_starts(plan.bwalk, bsumm.float(), dht.float() if with_dht else None, plan.NS, K)
+    got = compose(plan.bwalk, bsumm.float(), dht.float() if with_dht else None, plan.NS)
     seq_of = lambda t: max(n for n in range(N) if bounds[n] <= t)
     summary_at = {int(r[0]): int(r[4]) for r in plan.bsum_segs}     # segment start token -> summary row
     assert plan.bsegs[:, :4].equal(plan.segs[:, :4])
@@ -309,3 +310,51 @@ def test_kernel_set():
     assert hchunk.kernel_set(32, 32, 128, 128)[0][2] == dict(l2norm=True, HP=2, share_qk=False, min_blocks=2)
     bsum = [kw for name, _, kw in items if name == "backward_dh" and kw.get("summary")]
     assert bsum == [dict(summary=True, gate_chunks=4, BV=128)]
+
+
+def test_intra_cp_launches_read_the_plan(monkeypatch):
+    """Forward and backward with intra-card CP, kernels recorded instead of run: the summary passes read
+    the plan's sum_segs / bsum_segs with the default warm-up, segments.compose launches compose_kernel
+    with the plan's walk tables (forward, then reversed) and hands its rows to the main passes."""
+    from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
+    from qla_megatron.ops.gated_delta_rule.segment_plan import WARMUP_CHUNKS, plan_segments
+    recs = {name: _Recorder() for name in ("prepare", "forward", "compose", "dh", "grads")}
+    monkeypatch.setattr(hchunk, "prepare_kernel", recs["prepare"])
+    monkeypatch.setattr(hchunk, "forward_kernel", recs["forward"])
+    monkeypatch.setattr(hchunk, "compose_kernel", recs["compose"])
+    monkeypatch.setattr(hback, "backward_dh_kernel", recs["dh"])
+    monkeypatch.setattr(hback, "backward_grads_kernel", recs["grads"])
+    monkeypatch.setattr(hchunk, "_num_sms", lambda index: 132)
+    B, T, H, HV, K, V = 1, 700, 2, 4, 128, 128
+    cu = torch.tensor([0, 300, 310, 700])
+    q = k = torch.zeros(B, T, H, K, dtype=torch.bfloat16)
+    v = torch.zeros(B, T, HV, V, dtype=torch.bfloat16)
+    g = beta = torch.zeros(B, T, HV)
+    tables = plan_segments((0, 300, 310, 700), 128).kernel_tables("cpu")
+    o, ht, saved = hchunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, None, None, True, cu, True,
+                                                     intra_cp=IntraCPConfig(segment_len=128), save_for_backward=True)
+    (sum_kw, sum_t), (main_kw, main_t) = recs["forward"].calls
+    assert sum_kw["summary"] and sum_kw["gate_chunks"] == WARMUP_CHUNKS and sum_t[6].equal(tables.sum_segs)
+    assert not main_kw["summary"] and main_t[6].equal(tables.segs)
+    (c_kw, c_t), = recs["compose"].calls
+    assert c_t[0] is sum_t[9] and not c_kw["has_initial"]               # the summary pass's [M | S_ext]
+    meta, srow, zrow = tables.walk.tensors("cpu")
+    assert c_t[2].equal(meta) and c_t[3].equal(srow) and c_t[4].equal(zrow)
+    assert main_t[7] is c_t[5] and saved.starts is c_t[5]                 # composed starts -> main pass
+    do = torch.zeros(B, T, HV, V, dtype=torch.bfloat16)
+    hback.chunk_gated_delta_rule_bwd(saved, q, k, v, g, beta, do, None, True)
+    (bs_kw, bs_t), (walk_kw, walk_t) = recs["dh"].calls
+    assert bs_kw["summary"] and bs_kw["gate_chunks"] == WARMUP_CHUNKS and bs_t[6].equal(tables.bsum_segs)
+    assert walk_t[6].equal(tables.bsegs)
+    (_, bc_t) = recs["compose"].calls[1]
+    bmeta, bsrow, bzrow = tables.bwalk.tensors("cpu")
+    assert bc_t[0] is bs_t[10] and bc_t[2].equal(bmeta) and bc_t[3].equal(bsrow) and bc_t[4].equal(bzrow)
+    assert walk_t[7] is bc_t[5]                                           # end adjoints -> the walk
+
+
+def test_gate_threshold_is_the_kernels():
+    """The gate-driven threshold stated in segment_plan is the one the summary kernels use."""
+    import math
+    from qla_megatron.ops.gated_delta_rule.hopper.forward import GATE_DECAY
+    from qla_megatron.ops.gated_delta_rule.segment_plan import GATE_LOG_THRESHOLD
+    assert math.isclose(GATE_DECAY, math.exp(GATE_LOG_THRESHOLD), rel_tol=1e-12)

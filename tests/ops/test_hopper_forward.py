@@ -178,16 +178,17 @@ def test_gate_driven_intra_cp(varlen):
 
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_compose_kernel_matches_torch(with_h0):
-    """compose_kernel (one launch) vs compose_starts (torch, the reference) on random summaries: batch
+    """compose_kernel (one launch: segments.compose, backend "tilelang") vs segments.compose (torch, the reference) on random summaries: batch
     rows with 16 segments and varlen sequences of 1 to 9 segments, every main-pass row written."""
     from qla_megatron.ops.gated_delta_rule.hopper import chunk as hc
+    from qla_megatron.ops.gated_delta_rule.segments import compose
     HV, K, V = 4, 128, 128
     for bounds, seg in (((0, 8192, 16384), 512), ((0, 100, 1700, 1764, 2400, 2401), 192)):
         plan = hc._make_plan(bounds, seg, torch.device("cuda"))
         N = len(bounds) - 1
         summ = torch.randn(plan.sum_segs.shape[0], HV, K, K + V, device="cuda") * (0.5 / K ** 0.5)
         h0 = torch.randn(N, HV, K, V, device="cuda") if with_h0 else None
-        got = hc.compose(plan.walk, summ, h0, plan.NS)
-        want = hc.compose_starts(plan.walk, summ, h0, plan.NS, K)
+        got = compose(plan.walk, summ, h0, plan.NS, backend="tilelang")
+        want = compose(plan.walk, summ, h0, plan.NS)
         assert torch.isfinite(got).all(), "unwritten rows"
         assert rel(got, want) <= 1e-4, rel(got, want)

@@ -13,8 +13,8 @@ down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer seg
 
 Options (IntraCPConfig, carried by options.GDNOptions.intra_cp): `enabled=False` turns it off;
 `segment_len=<tokens>` forces a segment length (a multiple of 64). `mode="gate"` (the default)
-starts a (segment, v-head) from a warm-up over the `warmup_chunks` chunks before it (default 4)
-instead of the exact composition where the decay over that window is below e^-10: that pair's
+starts a (segment, v-head) from a warm-up over the `warmup_chunks` chunks before it (default
+segment_plan.WARMUP_CHUNKS = 4) instead of the exact composition where the decay over that window is below e^-10: that pair's
 summary walks only the window (DESIGN §2, "gate-driven"; the bound is in
 segments.segmented_chunk_gated_delta_rule); heads without such decay compose exactly. "exact"
 always composes. The QLA_MEGATRON_INTRA_CP* environment variables give the defaults (options.py).
@@ -26,7 +26,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-CHUNK = 64
+from .segment_plan import CHUNK, WARMUP_CHUNKS
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class IntraCPConfig:
                                              # each step was a torch launch; compose.py now runs them all
                                              # in one, not re-tuned since)
     mode: str = "gate"                       # "gate" or "exact" (see the module docstring)
-    warmup_chunks: int = 4                   # gate mode: chunks of warm-up before a segment
+    warmup_chunks: int = WARMUP_CHUNKS       # gate mode: chunks of warm-up before a segment
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -53,6 +53,11 @@ class IntraCPConfig:
             raise ValueError(f"intra-CP mode must be 'exact' or 'gate', got {self.mode!r}")
         if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 1:
             raise ValueError(f"intra-CP warmup_chunks must be an int >= 1, got {self.warmup_chunks!r}")
+
+    @property
+    def gate_chunks(self) -> int:
+        """The warm-up the summary kernels take: warmup_chunks in gate mode, 0 (exact) otherwise."""
+        return self.warmup_chunks if self.mode == "gate" else 0
 
     @staticmethod
     def from_env() -> "IntraCPConfig":

@@ -8,6 +8,12 @@ The recurrence is affine in the state, so a contiguous segment of tokens maps it
 [M | S_ext] of shape K x (K + V) started from [I | 0], with zero values in the first K columns. So
 summary kernels are the forward kernels with a wider state and no output.
 
+The two operations every user of the mechanism calls (docs/segments.md): `summarize` (here the torch
+reference; the Hopper summary passes are hopper/chunk.py's `summarize` and hopper/backward.py's
+`backward_summarize`) and `compose`, along the walks of a `segment_plan.SegmentPlan` (torch here, or
+the compose kernel with backend="tilelang"). Intra-card CP (hopper/) and cross-GPU CP (parallel/cp.py)
+both compose through `compose`.
+
 `segmented_chunk_gated_delta_rule` is the CPU-testable specification of context parallelism: cut
 each sequence into segments, summarise every segment in parallel, compose the start states in order,
 and run every segment from its start state in parallel.
@@ -15,12 +21,14 @@ and run every segment from its start state in parallel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .inputs import check_inputs, compute_dtype, default_scale, packed_stream, sequence_bounds
-from .torch import CHUNK_SIZE, chunk_scan
+from .segment_plan import (GATE_LOG_THRESHOLD, WARMUP_CHUNKS, SegmentPlan, Walk, chain_walk, plan_segments,
+                           warmup_windows)
+from .torch import chunk_scan
 
 
 def segment_summary(k, v, g, beta, cu_seqlens=None, *, use_qk_l2norm_in_kernel=False):
@@ -39,7 +47,9 @@ def segment_summary(k, v, g, beta, cu_seqlens=None, *, use_qk_l2norm_in_kernel=F
 
 
 def summarize(k, v, g, beta, bounds):
-    """segment_summary on the packed stream: k [T, H, K], v [T, HV, V], g, beta [T, HV]."""
+    """segment_summary on the packed stream (the torch reference of the summary pass): k [T, H, K],
+    v [T, HV, V], g, beta [T, HV]; bounds the NS + 1 segment offsets (e.g. SegmentPlan.bounds).
+    Returns (S_ext [NS, HV, K, V], M [NS, HV, K, K])."""
     T, HV, V = v.shape
     K = k.shape[-1]
     N = len(bounds) - 1
@@ -50,64 +60,60 @@ def summarize(k, v, g, beta, bounds):
     return end[..., K:], end[..., :K]
 
 
+def compose(walk: Walk, summ: torch.Tensor, z0: Optional[torch.Tensor] = None, NS: Optional[int] = None, *,
+            backend: str = "torch") -> torch.Tensor:
+    """The composition along every sequence of `walk` (segment_plan.Walk): Z[0] = z0[walk.z0[q]] (or 0),
+    Z[j + 1] = M_j Z[j] + S_ext_j with [M_j | S_ext_j] = summ[walk.srow[q][j]], Z[j] written to row
+    walk.zrow[q][j]. Forward: summaries [M | S_ext], z0 the initial states, the outputs the segments'
+    start states. Backward (the dual): [M^T | dS_ext], z0 the terminal adjoints, the outputs every
+    segment's end adjoint.
+
+    summ [NSS, ..., K, K + V]; z0 [NQ, ..., K, V] or None; returns [NS, ..., K, V] (NS: the rows the
+    walk writes, by default all it names). backend: "torch" (the reference: differentiable, any
+    dtype and leading dims, one batched product per step over the sequences still walking) or
+    "tilelang" (hopper/compose.py's kernel, one launch: fp32, summ [NSS, HV, K, K + V])."""
+    if backend == "tilelang":
+        from .hopper.chunk import compose as hopper_compose
+        return hopper_compose(walk, summ, z0, NS)
+    if backend != "torch":
+        raise ValueError(f"compose: backend must be 'torch' or 'tilelang', got {backend!r}")
+    K = summ.shape[-2]
+    zero = summ.new_zeros(summ.shape[1:-1] + (summ.shape[-1] - K,))
+    Z = [z0[r] if z0 is not None else zero for r in walk.z0]
+    out = {}
+    for q, z in enumerate(Z):
+        out[walk.zrow[q][0]] = z
+    for j in range(max(walk.J, default=0)):
+        live = [q for q in range(len(Z)) if walk.J[q] > j]
+        m = torch.stack([summ[walk.srow[q][j]] for q in live])
+        z = m[..., K:] + m[..., :K] @ torch.stack([Z[q] for q in live])
+        for q, zq in zip(live, z.unbind(0)):
+            Z[q] = zq
+            out[walk.zrow[q][j + 1]] = zq
+    return torch.stack([out[r] for r in range(NS if NS is not None else len(out))])
+
+
 def compose_segments(state_from_zero, transition, start=None):
-    """Start states of consecutive segments of one sequence: S[j+1] = M[j] S[j] + S_ext[j].
+    """Start states of consecutive segments of one sequence: S[j+1] = M[j] S[j] + S_ext[j] (compose
+    on a one-sequence walk).
 
-    Args: state_from_zero [NS, HV, K, V], transition [NS, HV, K, K], start [HV, K, V] or None (0).
-    Returns: (starts [NS, HV, K, V], end [HV, K, V]). O(NS) small matmuls.
+    Args: state_from_zero [NS, ..., K, V], transition [NS, ..., K, K], start [..., K, V] or None (0).
+    Returns: (starts [NS, ..., K, V], end [..., K, V]). O(NS) small matmuls.
     """
-    S = start if start is not None else torch.zeros_like(state_from_zero[0])
-    starts = []
-    for j in range(state_from_zero.shape[0]):
-        starts.append(S)
-        S = transition[j] @ S + state_from_zero[j]
-    return torch.stack(starts), S
+    NS = state_from_zero.shape[0]
+    Z = compose(chain_walk(NS), torch.cat([transition, state_from_zero], dim=-1),
+                start[None] if start is not None else None)
+    return Z[:NS], Z[NS]
 
 
-@dataclass(frozen=True)
-class SegmentPlan:
-    """Segments of the packed token stream. bounds: NS + 1 offsets; seq: the sequence of each segment;
-    first: whether a segment starts its sequence; seq_bounds: the N + 1 sequence offsets."""
-    bounds: tuple
-    seq: tuple
-    first: tuple
-    seq_bounds: tuple
-
-
-def plan_segments(seq_bounds, segment_len: int, chunk_size: int = CHUNK_SIZE) -> SegmentPlan:
-    """Cut every sequence into pieces of segment_len tokens (the last one shorter)."""
-    if not isinstance(segment_len, int) or segment_len <= 0 or segment_len % chunk_size:
-        raise ValueError(f"segment_len must be a positive multiple of the chunk size {chunk_size}, "
-                         f"got {segment_len!r}")
-    bounds, seq, first = [], [], []
-    for n in range(len(seq_bounds) - 1):
-        for s in range(seq_bounds[n], seq_bounds[n + 1], segment_len):
-            bounds.append(s)
-            seq.append(n)
-            first.append(s == seq_bounds[n])
-    bounds.append(seq_bounds[-1])
-    return SegmentPlan(tuple(bounds), tuple(seq), tuple(first), tuple(seq_bounds))
-
-
-def warmup_windows(plan: SegmentPlan, warmup_chunks: int, chunk_size: int = CHUNK_SIZE):
-    """For each segment that does not start its sequence: (segment index, window start, window end),
-    the window being the warmup_chunks * C tokens before the segment, clipped at the sequence start."""
-    out = []
-    for j, s in enumerate(plan.bounds[:-1]):
-        if not plan.first[j]:
-            w = max(plan.seq_bounds[plan.seq[j]], s - warmup_chunks * chunk_size)
-            out.append((j, w, s))
-    return out
-
-
-def gate_driven_mask(g, plan: SegmentPlan, warmup_chunks: int, log_threshold: float = -10.0):
+def gate_driven_mask(g, plan: SegmentPlan, warmup_chunks: int, log_threshold: float = GATE_LOG_THRESHOLD):
     """Which (segment, v-head) pairs may start from a warm-up instead of the exact composition.
 
     g: [T, HV] log decays of the packed stream. A pair qualifies when the cumulative decay over its
     warm-up window, exp(sum g), is below exp(log_threshold), and the window does not reach back to
     the sequence start (there the exact start is as cheap). Returns bool [NS, HV].
     """
-    mask = torch.zeros(len(plan.bounds) - 1, g.shape[1], dtype=torch.bool, device=g.device)
+    mask = torch.zeros(plan.NS, g.shape[1], dtype=torch.bool, device=g.device)
     gsum = torch.cat([g.new_zeros(1, g.shape[1]), g.to(torch.float64).cumsum(0)])
     for j, w, s in warmup_windows(plan, warmup_chunks):
         if w > plan.seq_bounds[plan.seq[j]]:
@@ -118,15 +124,18 @@ def gate_driven_mask(g, plan: SegmentPlan, warmup_chunks: int, log_threshold: fl
 def segmented_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                      output_final_state=False, cu_seqlens=None,
                                      use_qk_l2norm_in_kernel=False, *, segment_len: int,
-                                     mode: str = "exact", warmup_chunks: int = 2,
-                                     log_threshold: float = -10.0):
+                                     mode: str = "exact", warmup_chunks: int = WARMUP_CHUNKS,
+                                     log_threshold: float = GATE_LOG_THRESHOLD):
     """`chunk_gated_delta_rule` (torch backend) computed segment-parallel: the specification of
     intra-card and cross-GPU context parallelism. Arguments and returns as there, plus:
 
     segment_len: tokens per segment (a multiple of 64); each sequence is cut from its start.
     mode: "exact" composes every start state with the segments' transitions M. "gate" starts a
         (segment, v-head) from a warm-up over the warmup_chunks chunks before it, from a zero state,
-        where the decay over that window is below exp(log_threshold); other heads stay exact.
+        where the decay over that window is below exp(log_threshold); other heads stay exact. The
+        summary of a gated pair's predecessor is replaced by [0 | the warm-up's end state], as the
+        Hopper summary kernels write it, so one composition serves both modes.
+    warmup_chunks, log_threshold: segment_plan.WARMUP_CHUNKS and GATE_LOG_THRESHOLD by default.
 
     Error bound of "gate" mode. With ||k|| = 1 (use_qk_l2norm_in_kernel) and 0 <= beta <= 1 every
     factor (I - beta k k^T) has spectral norm <= 1, so the skipped transition of window b has norm
@@ -140,17 +149,21 @@ def segmented_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
         raise ValueError(f"mode must be 'exact' or 'gate', got {mode!r}")
     if not isinstance(warmup_chunks, int) or warmup_chunks < 1:
         raise ValueError(f"warmup_chunks must be an int >= 1, got {warmup_chunks!r}")
-    N = check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
+    if segment_len is None:
+        raise ValueError("segment_len must be a positive multiple of the chunk size 64, got None")
+    check_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
     out_shape, out_dtype, cdt = v.shape, q.dtype, compute_dtype(q.dtype)
     q, k, v, g, beta = packed_stream(q, k, v, g, beta, use_qk_l2norm_in_kernel)
     plan = plan_segments(sequence_bounds(B, T, cu_seqlens), segment_len)
+    h0 = initial_state.to(cdt) if initial_state is not None else None
 
-    # 1. every segment's (S_ext, M), in parallel; 2. compose per sequence.
+    # 1. every segment's (S_ext, M), in parallel; the summary rows are the segments with a successor.
     ext, trans = summarize(k, v, g, beta, list(plan.bounds))
-    warm, gated = None, None
+    summ = torch.cat([trans, ext], dim=-1)
     if mode == "gate":
+        # A gated (segment, v-head) starts from its warm-up: its predecessor's summary becomes
+        # [0 | warm-up end state from zero], so the composition below yields the warm-up state.
         gated = gate_driven_mask(g, plan, warmup_chunks, log_threshold)
         windows = [(j, w, s) for j, w, s in warmup_windows(plan, warmup_chunks) if bool(gated[j].any())]
         if windows:
@@ -159,19 +172,18 @@ def segmented_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
             for _, w, s in windows:
                 wb.append(wb[-1] + s - w)
             _, ends = chunk_scan(k[idx], v[idx], g[idx], beta[idx], wb)
-            warm = {j: ends[i] for i, (j, _, _) in enumerate(windows)}
-    starts = []
-    for n in range(N):
-        js = [j for j in range(len(plan.seq)) if plan.seq[j] == n]
-        S = initial_state[n].to(cdt) if initial_state is not None else v.new_zeros(HV, K, V)
-        for j in js:
-            if warm is not None and j in warm:
-                S = torch.where(gated[j][:, None, None], warm[j], S)
-            starts.append(S)
-            S = trans[j] @ S + ext[j]
+            for (j, _, _), warm in zip(windows, ends):
+                warm_summ = torch.cat([torch.zeros_like(trans[j - 1]), warm], dim=-1)
+                summ[j - 1] = torch.where(gated[j][:, None, None], warm_summ, summ[j - 1])
+    # 2. compose per sequence (the plan's forward walk; rows in main-pass order, as the kernels use).
+    has_next = [i for i in range(plan.NS) if plan.fwd_row[i] >= 0]
+    if plan.walk is not None:
+        starts = compose(plan.walk, summ[has_next], h0, plan.NS)[list(plan.row)]
+    else:
+        starts = h0 if h0 is not None else None
     # 3. every segment from its start state, in parallel.
     o, seg_final = chunk_scan(k, v, g, beta, list(plan.bounds), q=q, scale=default_scale(scale, K),
-                              initial_state=torch.stack(starts))
-    last = [max(j for j in range(len(plan.seq)) if plan.seq[j] == n) for n in range(N)]
+                              initial_state=starts)
+    last = [plan.segments_of(n)[-1] for n in range(plan.N)]
     final = seg_final[torch.tensor(last, device=k.device)]
     return o.view(out_shape).to(out_dtype), (final if output_final_state else None)

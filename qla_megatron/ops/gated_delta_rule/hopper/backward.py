@@ -4,7 +4,7 @@
     summary   (intra-card CP) per segment with a predecessor: [M^T | dS_ext] (backward_dh.py, summary
               mode), gate-driven where the decay over its first warmup_chunks chunks allows
     compose   each segment's end adjoint, right to left: dS_end[j - 1] = M_j^T dS_end[j] + dS_ext_j,
-              from dht (compose.py with the backward walk)
+              from dht (segments.compose on the plan's backward walk, backend "tilelang")
     walk      per (value block, v-head, segment): the adjoint dS chunk by chunk in reverse from the
               segment's end adjoint: dv, every chunk's end adjoint (bf16), d(initial state)
     grads     per (chunk, qk-head): dq, dk, dg, dbeta from the chunk's S and dS (backward_grads.py)
@@ -24,7 +24,8 @@ import torch
 
 from .backward_dh import backward_dh_kernel
 from .backward_grads import backward_grads_kernel
-from .chunk import _DTYPES, ForwardSaved, bv_main, compose, empty, flat_inputs, forward
+from .. import segments
+from .chunk import _DTYPES, ForwardSaved, bv_main, empty, flat_inputs, forward
 
 
 def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False, gate_chunks=0,
@@ -42,6 +43,14 @@ def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False,
     ds = dstates if dstates is not None else q.new_empty(1, HV, K, V)
     kern(q, k, do, Ai, P, F, segs, dht if dht is not None else dummy, dv, ds, dh0)
     return (None if summary else dv), (dh0 if n_final else None)
+
+
+def backward_summarize(q, k, do, Ai, P, F, plan, *, gate_chunks: int = 0) -> torch.Tensor:
+    """The backward summary pass, the dual of chunk.summarize: [M^T | dS_ext] [NSS, HV, K, K + V] fp32
+    of every segment with a predecessor (plan.bsum_segs), gate-driven with warm-ups of gate_chunks
+    chunks (0: exact)."""
+    NSS = plan.bsum_segs.shape[0]
+    return backward_dh(q, k, do, Ai, P, F, plan.bsum_segs, n_final=NSS, summary=True, gate_chunks=gate_chunks)[1]
 
 
 def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, scale, l2norm):
@@ -72,10 +81,8 @@ def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: O
     states = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
     forward(qf, kf, vf, saved.Ai, saved.P, saved.F, plan.segs, h0=saved.starts, states=states, emit_o=False)
     if plan.bsum_segs is not None:
-        NSS = plan.bsum_segs.shape[0]
-        _, bsumm = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsum_segs, n_final=NSS,
-                               summary=True, gate_chunks=cfg.warmup_chunks if cfg.mode == "gate" else 0)
-        dht = compose(plan.bwalk, bsumm, dht, plan.NS)
+        bsumm = backward_summarize(qf, kf, dof, saved.Ai, saved.P, saved.F, plan, gate_chunks=cfg.gate_chunks)
+        dht = segments.compose(plan.bwalk, bsumm, dht, plan.NS, backend="tilelang")
     dstates = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
     dv, dh0 = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht, n_final=saved.n_seqs,
                           dstates=dstates)

@@ -4,10 +4,12 @@
     summary   per (column block of [M | S_ext], v-head, segment with a successor): the segment's (S_ext, M);
               gate-driven where the decay over its last warmup_chunks chunks allows:
               (0, the end state of those chunks from zero) instead (forward.py's docstring)
-    compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence (compose.py: fp32, one launch)
+    compose   S_start[j + 1] = M_j S_start[j] + S_ext[j] along each sequence: segments.compose with
+              backend "tilelang" (compose.py: fp32, one launch)
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
-Without intra-card CP (one segment per sequence) only prepare and forward run.
+Without intra-card CP (one segment per sequence) only prepare and forward run. The plan (segs,
+sum_segs, the walks) is segment_plan's SegmentPlan, the one plan of the segment mechanism.
 
 The backward (backward.py) runs the dual on the same plan: the states pass, (backward summary ->
 compose ->) the adjoint walk, the gradients.
@@ -26,6 +28,8 @@ import torch
 
 from ..inputs import sequence_bounds
 from ..intra_cp import IntraCPConfig, plan_segment_len
+from .. import segments
+from ..segment_plan import KernelTables, Walk, plan_segments
 from .compose import compose_kernel
 from .backward_dh import backward_dh_kernel
 from .backward_grads import backward_grads_kernel
@@ -65,114 +69,22 @@ def empty(*shape, dtype, device):
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-@dataclass(frozen=True)
-class _Walk:
-    """A composition's walk (compose.py), per sequence: (J, row of its initial value), the summary row
-    of step j, the output row of step j. Forward: steps run first segment to last and output j is
-    segment j's start; backward: last to first, output j is segment J - j's end adjoint."""
-    meta: torch.Tensor          # [N, 2] int32
-    srow: torch.Tensor          # [N, max J] int32
-    zrow: torch.Tensor          # [N, max J + 1] int32
+def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> KernelTables:
+    """The kernels' tables of one (sequence bounds, segment length): segment_plan's one plan, built
+    once on the host and cached by shape."""
+    return plan_segments(bounds, seg_len).kernel_tables(device)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    chunks: torch.Tensor        # [NC, 2] int32: first token, valid tokens
-    segs: torch.Tensor          # [NS, 5] int32 for the forward main pass and the states pass
-    bsegs: torch.Tensor         # [NS, 5] the same segments for the backward walk (dh0 from first segments)
-    NC: int
-    NS: int
-    # With intra-card CP only: the summary passes' segments and the compositions' walks.
-    sum_segs: Optional[torch.Tensor] = None    # [NSS, 5] segments with a successor (forward)
-    bsum_segs: Optional[torch.Tensor] = None   # [NSS, 5] segments with a predecessor (backward)
-    walk: Optional[_Walk] = None
-    bwalk: Optional[_Walk] = None
-
-
-def _i32(rows, device):
-    return torch.tensor(rows, dtype=torch.int32).to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> _Plan:
-    """The plan of one (sequence bounds, segment length): built once, on the host, cached by shape."""
-    C = CHUNK
-    N = len(bounds) - 1
-    chunks, seq_first_chunk = [], []
-    for n in range(N):
-        seq_first_chunk.append(len(chunks))
-        for t in range(bounds[n], bounds[n + 1], C):
-            chunks.append((t, min(C, bounds[n + 1] - t)))
-    # Segments: (start, end, first chunk, sequence, index within sequence).
-    pieces = []
-    for n in range(N):
-        L = bounds[n + 1] - bounds[n]
-        step = seg_len if seg_len else L
-        for j, s in enumerate(range(bounds[n], bounds[n + 1], step)):
-            pieces.append((s, min(s + step, bounds[n + 1]), seq_first_chunk[n] + (s - bounds[n]) // C, n, j))
-    last_j = {}
-    for p in pieces:
-        last_j[p[3]] = max(last_j.get(p[3], -1), p[4])
-    # Longest segments first: the grid's last programs are then the short ones.
-    order = sorted(range(len(pieces)), key=lambda i: -(pieces[i][1] - pieces[i][0]))
-    seg_row = {(pieces[i][3], pieces[i][4]): r for r, i in enumerate(order)}
-    segs, bsegs = [], []
-    for i in order:
-        s, e, c0, n, j = pieces[i]
-        # Row of the segment's start state (forward) / end adjoint (backward): the composed row with
-        # intra-card CP, else the sequence's h0 / dht row.
-        init_row = seg_row[(n, j)] if seg_len else n
-        segs.append((s, e, c0, init_row, n if j == last_j[n] else -1))
-        bsegs.append((s, e, c0, init_row, n if j == 0 else -1))
-    plan = dict(chunks=_i32(chunks, device), segs=_i32(segs, device), bsegs=_i32(bsegs, device),
-                NC=len(chunks), NS=len(segs))
-    if seg_len and any(v > 0 for v in last_j.values()):
-        maxj = max(last_j.values())
-        pos = {(p[3], p[4]): p for p in pieces}
-        # One forward summary row per segment with a successor, one backward row per segment with a
-        # predecessor.
-        fwd_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] < last_j[p[3]])}
-        bwd_row = {(p[3], p[4]): r for r, p in enumerate(p for p in pieces if p[4] > 0)}
-        plan["sum_segs"] = _i32([(*pos[nj][:3], 0, r) for nj, r in fwd_row.items()], device)
-        plan["bsum_segs"] = _i32([(*pos[nj][:3], 0, r) for nj, r in bwd_row.items()], device)
-        meta = _i32([(last_j[n], n) for n in range(N)], device)
-        plan["walk"] = _Walk(meta, _i32([[fwd_row.get((n, j), 0) for j in range(maxj)] for n in range(N)], device),
-                             _i32([[seg_row.get((n, j), 0) for j in range(maxj + 1)] for n in range(N)], device))
-        J = last_j
-        plan["bwalk"] = _Walk(meta, _i32([[bwd_row.get((n, J[n] - j), 0) for j in range(maxj)] for n in range(N)],
-                                         device),
-                              _i32([[seg_row.get((n, J[n] - j), 0) for j in range(maxj + 1)] for n in range(N)],
-                                   device))
-    return _Plan(**plan)
-
-
-def compose_starts(walk: _Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int, K: int) -> torch.Tensor:
-    """The composition in torch, in fp32, one sequence and step at a time: the reference of
-    compose_kernel (the op launches that, through compose()). Along each sequence's walk,
-    Z[0] = z0[n] (or 0), Z[j + 1] = M_j Z[j] + S_ext_j with [M_j | S_ext_j] = summ[srow[j]], output
-    Z[j] to row zrow[j]. Forward: summ from the summary pass, z0 = h0, the outputs the main-pass start
-    states. Backward: summ = [M^T | dS_ext] from the backward summary pass, z0 = dht, the outputs every
-    segment's end adjoint. summ [NSS, HV, K, K + V], z0 [N, HV, K, V] or None; returns [NS, HV, K, V]."""
-    NSS, HV, _, W = summ.shape
-    out = summ.new_empty(NS, HV, K, W - K)
-    for (J, n), srow, zrow in zip(walk.meta.tolist(), walk.srow.tolist(), walk.zrow.tolist()):
-        z = z0[n] if z0 is not None else summ.new_zeros(HV, K, W - K)
-        out[zrow[0]] = z
-        for j in range(J):
-            m = summ[srow[j]]
-            z = torch.baddbmm(m[..., K:], m[..., :K], z)
-            out[zrow[j + 1]] = z
-    return out
-
-
-def compose(walk: _Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
-    """compose_starts in one launch of compose_kernel (compose.py): the same [NS, HV, K, V] fp32."""
+def compose(walk: Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
+    """The Hopper implementation of segments.compose: one launch of compose_kernel (compose.py) for
+    every sequence of the walk. summ [NSS, HV, K, K + V] fp32, z0 [N, HV, K, V] fp32 or None; returns
+    [NS, HV, K, V] fp32."""
     NSS, HV, K, W = summ.shape
     V = W - K
     kern = compose_kernel(HV, K, V, has_initial=z0 is not None, BVc=COMPOSE_BVC)
     out = empty(NS, HV, K, V, dtype=torch.float32, device=summ.device)
     dummy = summ.new_empty(1, HV, K, V)
-    kern(summ, z0 if z0 is not None else dummy, walk.meta, walk.srow, walk.zrow, out)
+    kern(summ, z0 if z0 is not None else dummy, *walk.tensors(summ.device), out)
     return out
 
 
@@ -232,13 +144,21 @@ def forward(q, k, v, Ai, P, F, segs, *, h0=None, n_final=0, summary=False, state
     return (o if out else None), (ht if n_final else None)
 
 
+def summarize(q, k, v, Ai, P, F, plan: KernelTables, *, gate_chunks: int = 0) -> torch.Tensor:
+    """The Hopper summary pass (segments.summarize's counterpart on the kernels): [M | S_ext]
+    [NSS, HV, K, K + V] fp32 of every segment with a successor (plan.sum_segs), gate-driven with
+    warm-ups of gate_chunks chunks (0: exact), from the chunk factors of prepare()."""
+    NSS = plan.sum_segs.shape[0]
+    return forward(q, k, v, Ai, P, F, plan.sum_segs, n_final=NSS, summary=True, gate_chunks=gate_chunks)[1]
+
+
 @dataclass
 class ForwardSaved:
     """What the forward keeps for the backward besides its inputs (bytes per token and v-head at
     K = V = 128, bf16: Ai and P 128 each, F 20): the chunk factors, so the backward does not rebuild
     them, and the start state of every main-pass segment (fp32, one [K, V] a segment and v-head), from
     which the backward's states pass recomputes every chunk's start state in bf16."""
-    plan: _Plan
+    plan: KernelTables
     config: IntraCPConfig
     Ai: torch.Tensor
     P: torch.Tensor
@@ -281,10 +201,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
 
     Ai, P, F = prepare(qf, kf, gf, bf, plan.chunks, HV, scale, bool(use_qk_l2norm_in_kernel))
     if plan.sum_segs is not None:
-        NSS = plan.sum_segs.shape[0]
-        _, summ = forward(qf, kf, vf, Ai, P, F, plan.sum_segs, n_final=NSS, summary=True,
-                          gate_chunks=cfg.warmup_chunks if cfg.mode == "gate" else 0)
-        h0 = compose(plan.walk, summ, h0, plan.NS)
+        summ = summarize(qf, kf, vf, Ai, P, F, plan, gate_chunks=cfg.gate_chunks)
+        h0 = segments.compose(plan.walk, summ, h0, plan.NS, backend="tilelang")
     o, ht = forward(qf, kf, vf, Ai, P, F, plan.segs, h0=h0, n_final=N if output_final_state else 0)
     o = o.view(B, T, HV, V)
     if save_for_backward:
@@ -293,10 +211,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
 
 
 def _gate_chunks(gate_chunks: Optional[int]) -> int:
-    if gate_chunks is not None:
-        return gate_chunks
-    cfg = IntraCPConfig()
-    return cfg.warmup_chunks if cfg.mode == "gate" else 0
+    return gate_chunks if gate_chunks is not None else IntraCPConfig().gate_chunks
 
 
 def kernel_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, gate_chunks: Optional[int] = None,

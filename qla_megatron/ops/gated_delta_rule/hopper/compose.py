@@ -6,7 +6,7 @@ Along each sequence, in float32:
 
 and Z[j] is the start state of the sequence's segment j in the main pass. The steps are sequential,
 but sequences, v-heads and blocks of state columns are independent: one program each. This replaces
-one batched torch product per segment boundary (chunk.compose_starts, kept as the reference), whose
+one batched torch product per segment boundary (segments.compose with backend "torch" is the reference; this kernel is its "tilelang" implementation), whose
 host cost (about 20 us a launch) dominated the op for few heads and many segments (8/2 heads x 32768
 tokens: 16 segments, 15 steps, ~0.3 ms of host time against ~0.25 ms of GPU work).
 

@@ -1,0 +1,236 @@
+"""The segment plan: one description of how sequences are cut into segments (DESIGN §2), for every
+user of the segment mechanism (docs/segments.md).
+
+A `SegmentPlan` (from `plan_segments(seq_bounds, segment_len)`, cached by shape) holds, on the host:
+
+    segments in sequence order    bounds (NS + 1 token offsets), seq, index within the sequence, first
+    main-pass rows                row[i]: segment i's row in the kernels' main pass (longest first)
+    summary rows                  the segments with a successor (forward) / a predecessor (backward)
+    walks                         `Walk`: per sequence, which summary row each composition step reads
+                                  and which output row it writes; forward (first to last) and backward
+                                  (last to first)
+
+and `kernel_tables(device)` gives the int32 tables the Hopper kernels read (segs, bsegs, sum_segs,
+bsum_segs, chunks; the walks' meta / srow / zrow), copied to the device once per plan and device.
+
+The composition a walk describes, for each sequence q (segments.compose runs it):
+
+    Z[0] = z0[q] (or 0),    Z[j + 1] = M_j Z[j] + S_ext_j,    [M_j | S_ext_j] = summ[srow[q][j]],
+    output Z[j] to row zrow[q][j],  j = 0 .. J[q]
+
+Seam for a device-side plan: the plan is built from the sequence bounds on the host, which every
+backend reads from cu_seqlens anyway (inputs.sequence_bounds); building `kernel_tables` from a
+cu_seqlens tensor on the device (without reading it) would replace `_tables` and nothing else.
+
+Warm-up default of the gate-driven summaries, stated here once: WARMUP_CHUNKS; the threshold on the
+decay over the warm-up window: GATE_LOG_THRESHOLD (the Hopper kernels' forward.GATE_DECAY is its
+exponential).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+CHUNK = 64
+WARMUP_CHUNKS = 4            # gate mode: chunks of warm-up before a segment (IntraCPConfig, segmented op)
+GATE_LOG_THRESHOLD = -10.0   # gate mode: a window whose summed log decay is below this hides the past
+
+
+@dataclass(frozen=True)
+class Walk:
+    """A composition's walk, per sequence q: J[q] steps, the row z0[q] of its initial value, the summary
+    row srow[q][j] of step j (j < J[q]) and the output row zrow[q][j] of Z[j] (j <= J[q]). srow and
+    zrow are padded with 0 to the longest walk, as compose.py's kernel reads them."""
+    J: tuple
+    z0: tuple
+    srow: tuple
+    zrow: tuple
+
+    def tensors(self, device) -> tuple:
+        """(meta [NQ, 2] = (J, z0 row), srow [NQ, max J], zrow [NQ, max J + 1]) int32 on `device`."""
+        return _walk_tensors(self, torch.device(device))
+
+
+def chain_walk(n_segments: int) -> Walk:
+    """One sequence of n_segments consecutive summaries (rows 0 ..), walked to its end: outputs rows
+    0 .. n_segments, the last one the end state."""
+    return Walk((n_segments,), (0,), (tuple(range(n_segments)),), (tuple(range(n_segments + 1)),))
+
+
+@functools.lru_cache(maxsize=128)
+def _walk_tensors(walk: Walk, device: torch.device) -> tuple:
+    meta = [(J, z) for J, z in zip(walk.J, walk.z0)]
+    return _i32(meta, device), _i32(list(walk.srow), device), _i32(list(walk.zrow), device)
+
+
+def _i32(rows, device):
+    return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
+@dataclass(frozen=True)
+class KernelTables:
+    """The tables of one plan on one device. segs, bsegs [NS, 5] = (start, end, first chunk, row of the
+    start state / end adjoint, row of the final state / dh0 or -1), in main-pass row order; chunks
+    [NC, 2] = (first token, valid tokens); with a composition: sum_segs / bsum_segs [NSS, 5] =
+    (start, end, first chunk, 0, summary row) and the walks."""
+    chunks: torch.Tensor
+    segs: torch.Tensor
+    bsegs: torch.Tensor
+    NC: int
+    NS: int
+    sum_segs: Optional[torch.Tensor] = None
+    bsum_segs: Optional[torch.Tensor] = None
+    walk: Optional[Walk] = None
+    bwalk: Optional[Walk] = None
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Segments of the packed token stream (see the module docstring). Per segment i in sequence
+    order: tokens [bounds[i], bounds[i + 1]), sequence seq[i], index[i] within it, first[i] whether it
+    starts its sequence, chunk0[i] its first chunk, row[i] its main-pass row. fwd_row / bwd_row: the
+    summary row of each segment with a successor / predecessor (else -1)."""
+    seq_bounds: tuple
+    segment_len: Optional[int]
+    bounds: tuple
+    seq: tuple
+    index: tuple
+    first: tuple
+    chunk0: tuple
+    row: tuple
+    fwd_row: tuple
+    bwd_row: tuple
+    chunks: tuple               # (first token, valid tokens) of every chunk
+
+    @property
+    def NS(self) -> int:
+        return len(self.seq)
+
+    @property
+    def N(self) -> int:
+        return len(self.seq_bounds) - 1
+
+    @property
+    def composes(self) -> bool:
+        """Whether some sequence has more than one segment (then summaries and a composition run)."""
+        return any(not f for f in self.first)
+
+    def segments_of(self, n: int) -> list:
+        return [i for i in range(self.NS) if self.seq[i] == n]
+
+    @functools.cached_property
+    def walk(self) -> Optional[Walk]:
+        """Forward: each sequence's segments first to last, Z[j] = segment j's start state."""
+        return self._walk(reverse=False) if self.composes else None
+
+    @functools.cached_property
+    def bwalk(self) -> Optional[Walk]:
+        """Backward: last to first, Z[j] = the end adjoint of segment J - j."""
+        return self._walk(reverse=True) if self.composes else None
+
+    def _walk(self, reverse: bool) -> Walk:
+        per_seq = [self.segments_of(n) for n in range(self.N)]
+        maxj = max(len(s) for s in per_seq) - 1
+        J, z0, srow, zrow = [], [], [], []
+        for n, segs in enumerate(per_seq):
+            order = segs[::-1] if reverse else segs
+            summ = self.bwd_row if reverse else self.fwd_row
+            # step j reads the summary of the segment it crosses: order[j] (forward: a successor
+            # follows it; backward: a predecessor precedes it)
+            s = [summ[i] for i in order[:-1]]
+            z = [self.row[i] for i in order]
+            J.append(len(segs) - 1)
+            z0.append(n)
+            srow.append(tuple(s + [0] * (maxj - len(s))))
+            zrow.append(tuple(z + [0] * (maxj + 1 - len(z))))
+        return Walk(tuple(J), tuple(z0), tuple(srow), tuple(zrow))
+
+    def kernel_tables(self, device) -> KernelTables:
+        return _tables(self, torch.device(device))
+
+
+def plan_segments(seq_bounds, segment_len: Optional[int] = None) -> SegmentPlan:
+    """Cut every sequence into pieces of segment_len tokens (a multiple of 64; the last one shorter),
+    or keep it whole (None). seq_bounds: the N + 1 sequence offsets in the packed stream."""
+    if segment_len is not None and (isinstance(segment_len, bool) or not isinstance(segment_len, int)
+                                    or segment_len <= 0 or segment_len % CHUNK):
+        raise ValueError(f"segment_len must be a positive multiple of the chunk size {CHUNK} or None, "
+                         f"got {segment_len!r}")
+    return _plan(tuple(int(b) for b in seq_bounds), segment_len)
+
+
+@functools.lru_cache(maxsize=128)
+def _plan(seq_bounds: tuple, segment_len: Optional[int]) -> SegmentPlan:
+    N = len(seq_bounds) - 1
+    chunks, seq_chunk0 = [], []
+    for n in range(N):
+        seq_chunk0.append(len(chunks))
+        chunks += [(t, min(CHUNK, seq_bounds[n + 1] - t)) for t in range(seq_bounds[n], seq_bounds[n + 1], CHUNK)]
+    bounds, seq, index, chunk0 = [], [], [], []
+    for n in range(N):
+        step = segment_len or seq_bounds[n + 1] - seq_bounds[n]
+        for j, s in enumerate(range(seq_bounds[n], seq_bounds[n + 1], step)):
+            bounds.append(s)
+            seq.append(n)
+            index.append(j)
+            chunk0.append(seq_chunk0[n] + (s - seq_bounds[n]) // CHUNK)
+    bounds.append(seq_bounds[-1])
+    NS = len(seq)
+    first = [j == 0 for j in index]
+    last = [i == NS - 1 or seq[i + 1] != seq[i] for i in range(NS)]
+    # Main-pass rows: longest segments first (a stable sort), so the grid's last programs are short.
+    order = sorted(range(NS), key=lambda i: -(bounds[i + 1] - bounds[i]))
+    row = [0] * NS
+    for r, i in enumerate(order):
+        row[i] = r
+
+    def rows(keep):
+        out, r = [], 0
+        for i in range(NS):
+            out.append(r if keep[i] else -1)
+            r += bool(keep[i])
+        return out
+
+    return SegmentPlan(seq_bounds, segment_len, tuple(bounds), tuple(seq), tuple(index), tuple(first),
+                       tuple(chunk0), tuple(row), tuple(rows([not x for x in last])),
+                       tuple(rows([not x for x in first])), tuple(chunks))
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(plan: SegmentPlan, device: torch.device) -> KernelTables:
+    order = sorted(range(plan.NS), key=lambda i: plan.row[i])
+    segs, bsegs = [], []
+    for i in order:
+        s, e, c0, n = plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], plan.seq[i]
+        # Row of the start state (forward) / end adjoint (backward): the composed row when segmented,
+        # else the sequence's h0 / dht row. Last column: the final-state (forward) / dh0 (backward) row.
+        init = plan.row[i] if plan.segment_len else n
+        last = i == plan.NS - 1 or plan.seq[i + 1] != n
+        segs.append((s, e, c0, init, n if last else -1))
+        bsegs.append((s, e, c0, init, n if plan.first[i] else -1))
+    tables = dict(chunks=_i32(list(plan.chunks), device), segs=_i32(segs, device), bsegs=_i32(bsegs, device),
+                  NC=len(plan.chunks), NS=plan.NS)
+    if plan.segment_len and plan.composes:
+        def summary_segs(rows):
+            return _i32([(plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, r)
+                         for i, r in enumerate(rows) if r >= 0], device)
+        tables.update(sum_segs=summary_segs(plan.fwd_row), bsum_segs=summary_segs(plan.bwd_row),
+                      walk=plan.walk, bwalk=plan.bwalk)
+        plan.walk.tensors(device), plan.bwalk.tensors(device)     # copied with the rest, once
+
+    return KernelTables(**tables)
+
+
+def warmup_windows(plan: SegmentPlan, warmup_chunks: int):
+    """For each segment that does not start its sequence: (segment index, window start, window end),
+    the window being the warmup_chunks * C tokens before the segment, clipped at the sequence start."""
+    out = []
+    for i in range(plan.NS):
+        if not plan.first[i]:
+            s = plan.bounds[i]
+            out.append((i, max(plan.seq_bounds[plan.seq[i]], s - warmup_chunks * CHUNK), s))
+    return out
