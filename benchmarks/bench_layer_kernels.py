@@ -13,10 +13,11 @@ On CPU (`TRITON_INTERPRET=1 ... --device cpu --tokens 64`) it only checks that t
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
+
+from bench_layer import timed   # median ms over --iters after --warmup (CUDA events, or wall clock on CPU)
 
 
 def parse():
@@ -27,28 +28,6 @@ def parse():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
     return p.parse_args()
-
-
-def timed(fn, args):
-    """Median ms of fn() over args.iters CUDA-event-timed calls after args.warmup."""
-    for _ in range(args.warmup):
-        fn()
-    times = []
-    for _ in range(args.iters):
-        if args.device == "cpu":
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def row(name, T, fn, leaves, args):

@@ -14,15 +14,7 @@ set -u
 log=${1:-.}
 mkdir -p "$log"
 status=0
-step() {   # step SECONDS NAME command...
-    local t=$1 name=$2; shift 2
-    echo "=== $name: $*" >&2
-    timeout "$t" "$@" > >(tee "$log/$name.log") 2>&1
-    local rc=$?
-    echo "=== rc $rc: $name" >&2
-    [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
-    return $rc
-}
+source "$(dirname "$0")/verify_steps.sh"   # step SECONDS NAME command...
 step 200 precompile python benchmarks/hopper_smoke.py --precompile-only || exit $status
 step 60 smoke python -m pytest -m gpu tests/ops/test_hopper_backward.py -x -q -s -k "test_heads and H2-HV8 and B2-T200" \
     || exit $status

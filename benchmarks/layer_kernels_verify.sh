@@ -12,15 +12,7 @@ set -u
 log=${1:?usage: layer_kernels_verify.sh LOG_DIR}
 mkdir -p "$log"
 status=0
-step() {   # step SECONDS NAME command...
-    local t=$1 name=$2; shift 2
-    echo "=== $name: $*" >&2
-    timeout "$t" "$@" > >(tee "$log/$name.log") 2>&1
-    local rc=$?
-    echo "=== rc $rc: $name" >&2
-    [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
-    return $rc
-}
+source "$(dirname "$0")/verify_steps.sh"   # step SECONDS NAME command...
 step 130 gpu_tests python -m pytest -m gpu tests/layers/test_kernels.py tests/layers/test_options.py -q -p no:cacheprovider
 step 70 kernel_bench python benchmarks/bench_layer_kernels.py --tokens 8192 32768
 step 90 layer_bench python benchmarks/bench_layer.py --tokens 32768 --op-backends auto --op-breakdown --iters 5
