@@ -7,7 +7,7 @@ qla_megatron.ops.chunk_gated_delta_rule with --op-backend. Timings: CUDA events,
 after --warmup, in the same process on the same card.
 
     source .gpu/env.sh && python benchmarks/bench_layer.py \
-        --tokens 8192 32768 --hidden 2048 4096 --op-backends fla --out benchmarks/results/layer_h100.md
+        --tokens 8192 32768 --hidden 2048 4096 --op-backends auto --op-breakdown --out benchmarks/results/layer_h200.md
 
 --op-breakdown also times the op alone at the same shapes (ours with each --op-backends entry: 16 qk
 heads, l2norm in the kernel; FLA's chunk_gated_delta_rule as Megatron's layer calls it: q/k already

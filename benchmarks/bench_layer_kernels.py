@@ -27,7 +27,22 @@ def parse():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row, the GPU kernels of one forward+backward and their times (torch.profiler)")
     return p.parse_args()
+
+
+def kernel_times(fn):
+    """One line per GPU kernel of fn() (name, calls, total us), from torch.profiler, busiest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    return [f"    {e.key[:90]}: {e.count} x, {e.device_time_total:.1f} us" for e in rows if e.device_time_total > 0][:8]
 
 
 def row(name, T, fn, leaves, args):
@@ -45,6 +60,8 @@ def row(name, T, fn, leaves, args):
             cot = [torch.randn_like(fn())]
         f, fb = timed(fwd, args), timed(fwd_bwd, args)
         print(f"| {name} | {T} | {f:.3f} | {fb:.3f} |", flush=True)
+        if args.profile and args.device == "cuda":
+            print("\n".join(kernel_times(fwd_bwd)), flush=True)
     except Exception as e:  # a peer that cannot run this call is reported, not fatal
         print(f"| {name} | {T} | failed: {type(e).__name__}: {str(e)[:100]} | |", flush=True)
 

@@ -256,7 +256,7 @@ SMALL = {
     "conv": [dict(B=2, T=37, D=20), dict(B=1, T=70, D=130, lengths=[1, 2, 30, 5, 32], halo=True, strided=False),
              dict(B=2, T=33, D=9, W=3, halo=True, bias=False, strided=False),
              dict(B=1, T=45, D=12, lengths=[3, 40, 2], silu=False, halo=True),
-             dict(B=1, T=40, D=16, W=2, lengths=[40], bias=False)],
+             dict(B=1, T=40, D=16, W=2, lengths=[40], bias=False), dict(B=1, T=20, D=8, W=1, lengths=[5, 15])],
     "gated_norm": [dict(B=2, S=7, HV=3, V=32), dict(B=1, S=5, HV=2, V=24, out_layout="sbd"),
                    dict(B=3, S=4, HV=2, V=16, out_layout="sbd")],
     "gate_head": [dict(B=2, S=35, HV=3), dict(B=1, S=70, HV=8)],
