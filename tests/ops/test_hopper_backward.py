@@ -16,7 +16,7 @@ with -s to see what the gradients reach; dg there is over the decaying heads).""
 import pytest
 import torch
 
-from qla_megatron.ops import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from qla_megatron.ops import GDNOptions, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from qla_megatron.ops.gated_delta_rule import which_backend
 from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
 
@@ -64,7 +64,7 @@ class Case:
                                               output_final_state=final, cu_seqlens=cu,
                                               use_qk_l2norm_in_kernel=l2norm)
 
-        _, self.want = _grads(reference, low, h0, self.do, self.dht)
+        self.o, self.want = _grads(reference, low, h0, self.do, self.dht)
 
     def check(self, name, intra_cp=None, tol=TOL):
         """The Hopper op's gradients against the reference's: finite, <= tol relative L2 each."""
@@ -74,6 +74,10 @@ class Case:
             return run(q, k, v, g, beta, self.scale, s0, self.final, self.cu, self.l2norm, intra_cp=intra_cp)
 
         _, got = _grads(ours, self.low, self.h0, self.do, self.dht)
+        return self.compare(name, got, tol)
+
+    def compare(self, name, got, tol=TOL):
+        """check's comparison of gradients `got` (in NAMES' order) with the reference's."""
         errs, tols = {}, {}
         for gname, a, b in zip(NAMES, got, self.want):
             assert a.dtype == b.dtype and a.shape == b.shape, (name, gname)
@@ -201,3 +205,35 @@ def test_auto_trains_on_the_kernels():
     leaves = [t.detach().clone().requires_grad_(True) for t in low]
     o, _ = chunk_gated_delta_rule(*leaves, use_qk_l2norm_in_kernel=True)
     assert "HopperGatedDeltaRule" in type(o.grad_fn).__name__
+
+
+@pytest.mark.parametrize("cfg", [IntraCPConfig(), IntraCPConfig(enabled=False), IntraCPConfig(segment_len=256)],
+                         ids=["default", "off", "seg256"])
+def test_packed_sequences_make_no_host_sync(cfg):
+    """Forward + backward of packed sequences through the public op, new lengths every step with the
+    same shapes (T = 3000, N = 10), under torch.cuda.set_sync_debug_mode("error") after the first step
+    (which compiles): the plan is built on the device (segment_plan.packed_tables), nothing waits for
+    it. o and every gradient against the float64 recurrence; outputs poisoned, so padding rows of the
+    plan that leaked into an output would show as NaN."""
+    H, HV, T = 2, 8, 3000
+    packings = ([1, 16, 63, 64, 65, 3, 127, 1500, 200, 961], [1000] + [1] * 8 + [1992], [300] * 10)
+    opts = GDNOptions(intra_cp=cfg)
+    for step, lens in enumerate(packings):
+        cu = offsets(lens)
+        low, h0 = rounded_inputs(1, T, H, HV, N=len(lens))
+        case = Case(low, h0, cu)
+
+        def ours(q, k, v, g, beta, s0):
+            return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                                          cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="tilelang",
+                                          options=opts)
+
+        torch.cuda.synchronize()
+        if step > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            o, got = _grads(ours, low, h0, case.do, case.dht)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(o).all() and rel(o, case.o) <= 5e-3, rel(o, case.o)
+        case.compare(f"packed-no-sync-{step}", got)

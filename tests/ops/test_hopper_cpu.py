@@ -313,11 +313,12 @@ def test_kernel_set():
 
 
 def test_intra_cp_launches_read_the_plan(monkeypatch):
-    """Forward and backward with intra-card CP, kernels recorded instead of run: the summary passes read
-    the plan's sum_segs / bsum_segs with the default warm-up, segments.compose launches compose_kernel
-    with the plan's walk tables (forward, then reversed) and hands its rows to the main passes."""
+    """Forward and backward with intra-card CP on packed sequences, kernels recorded instead of run: the
+    summary passes read the device plan's sum_segs / bsum_segs (segment_plan.packed_tables, padding
+    rows included) with the default warm-up, segments.compose launches compose_kernel with the plan's
+    walk tables (forward, then reversed) and hands its rows to the main passes."""
     from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
-    from qla_megatron.ops.gated_delta_rule.segment_plan import WARMUP_CHUNKS, plan_segments
+    from qla_megatron.ops.gated_delta_rule.segment_plan import WARMUP_CHUNKS, packed_tables
     recs = {name: _Recorder() for name in ("prepare", "forward", "compose", "dh", "grads")}
     monkeypatch.setattr(hchunk, "prepare_kernel", recs["prepare"])
     monkeypatch.setattr(hchunk, "forward_kernel", recs["forward"])
@@ -326,11 +327,12 @@ def test_intra_cp_launches_read_the_plan(monkeypatch):
     monkeypatch.setattr(hback, "backward_grads_kernel", recs["grads"])
     monkeypatch.setattr(hchunk, "_num_sms", lambda index: 132)
     B, T, H, HV, K, V = 1, 700, 2, 4, 128, 128
-    cu = torch.tensor([0, 300, 310, 700])
+    cu = torch.tensor([0, 200, 210, 700])          # 2 + 1 + 4 segments of 128: one padding row (8 rows)
     q = k = torch.zeros(B, T, H, K, dtype=torch.bfloat16)
     v = torch.zeros(B, T, HV, V, dtype=torch.bfloat16)
     g = beta = torch.zeros(B, T, HV)
-    tables = plan_segments((0, 300, 310, 700), 128).kernel_tables("cpu")
+    tables = packed_tables(cu, T, 128)
+    assert tables.NS == 8 and tables.segs[-1].tolist() == [T, T, 13, 7, -1]
     o, ht, saved = hchunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, None, None, True, cu, True,
                                                      intra_cp=IntraCPConfig(segment_len=128), save_for_backward=True)
     (sum_kw, sum_t), (main_kw, main_t) = recs["forward"].calls
@@ -338,7 +340,7 @@ def test_intra_cp_launches_read_the_plan(monkeypatch):
     assert not main_kw["summary"] and main_t[6].equal(tables.segs)
     (c_kw, c_t), = recs["compose"].calls
     assert c_t[0] is sum_t[9] and not c_kw["has_initial"]               # the summary pass's [M | S_ext]
-    meta, srow, zrow = tables.walk.tensors("cpu")
+    meta, srow, zrow = tables.walk
     assert c_t[2].equal(meta) and c_t[3].equal(srow) and c_t[4].equal(zrow)
     assert main_t[7] is c_t[5] and saved.starts is c_t[5]                 # composed starts -> main pass
     do = torch.zeros(B, T, HV, V, dtype=torch.bfloat16)
@@ -347,7 +349,7 @@ def test_intra_cp_launches_read_the_plan(monkeypatch):
     assert bs_kw["summary"] and bs_kw["gate_chunks"] == WARMUP_CHUNKS and bs_t[6].equal(tables.bsum_segs)
     assert walk_t[6].equal(tables.bsegs)
     (_, bc_t) = recs["compose"].calls[1]
-    bmeta, bsrow, bzrow = tables.bwalk.tensors("cpu")
+    bmeta, bsrow, bzrow = tables.bwalk
     assert bc_t[0] is bs_t[10] and bc_t[2].equal(bmeta) and bc_t[3].equal(bsrow) and bc_t[4].equal(bzrow)
     assert walk_t[7] is bc_t[5]                                           # end adjoints -> the walk
 

@@ -42,7 +42,7 @@ def tables(bounds, seg):
     p = plan_segments(bounds, seg)
     t = p.kernel_tables("cpu")
     lists = lambda x: None if x is None else x.tolist()
-    walk = lambda w: None if w is None else [x.tolist() for x in w.tensors("cpu")]
+    walk = lambda w: None if w is None else [x.tolist() for x in w]
     hopper = dict(NC=t.NC, NS=t.NS, chunks=t.chunks.tolist(), segs=t.segs.tolist(), bsegs=t.bsegs.tolist(),
                   sum_segs=lists(t.sum_segs), bsum_segs=lists(t.bsum_segs), walk=walk(t.walk), bwalk=walk(t.bwalk))
     ref = None

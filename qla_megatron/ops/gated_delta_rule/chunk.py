@@ -47,8 +47,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     Bad shapes, dtypes, cu_seqlens, backends or options raise ValueError naming the argument. With
     options.check_finite a NaN/Inf in any input raises ValueError naming it (a debug check: it reads
     every input again and syncs with the device); without it (the default) a non-finite input makes
-    every later output of its sequence NaN. cu_seqlens' values are read on the host (every backend
-    needs them there); without cu_seqlens nothing here waits for the device.
+    every later output of its sequence NaN. Without check_finite the checks read cu_seqlens' values
+    only when it is on the CPU: on a GPU the "tilelang" backend builds its plan there from them
+    (nothing waits for the device, packed or not), while "torch" and "fla" read them on the host
+    (and "torch" checks them then).
 
     Example::
 

@@ -43,9 +43,10 @@ def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=No
 
     q, k [B, T, H, K]; v [B, T, HV, V]; g, beta [B, T, HV]; initial_state [N, HV, K, V];
     cu_seqlens int64 [N + 1] (B must be 1). Raises ValueError naming the argument and the rule.
-    Shapes, dtypes and devices are read from the tensors' metadata; only cu_seqlens' values (which
-    every backend reads on the host anyway) and, with check_finite, the NaN/Inf scan of every input
-    (one more read of each and a host sync) look at the data.
+    Shapes, dtypes and devices are read from the tensors' metadata. Data is read only where that is
+    free or asked for: cu_seqlens' values when it is on the CPU, and with check_finite (the debug
+    check) cu_seqlens' values on any device and the NaN/Inf scan of every input (one more read of
+    each and a host sync). So without check_finite nothing here waits for the device.
     """
     named = ([("q", q)] if need_q else []) + [("k", k), ("v", v), ("g", g), ("beta", beta)]
     for name, t in named:
@@ -84,7 +85,7 @@ def check_inputs(q, k, v, g, beta, scale=None, initial_state=None, cu_seqlens=No
 
     N = B
     if cu_seqlens is not None:
-        N = check_cu_seqlens(cu_seqlens, B, T)
+        N = check_cu_seqlens(cu_seqlens, B, T, values=check_finite or cu_seqlens.device.type == "cpu")
         if cu_seqlens.device != k.device:
             raise ValueError(f"cu_seqlens must be on {k.device} like the inputs, got {cu_seqlens.device}")
     if initial_state is not None:
@@ -110,8 +111,9 @@ def check_finite_tensor(name: str, t: torch.Tensor) -> None:
                          f"later token of its sequence (found by the check_finite debug check)")
 
 
-def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
-    """cu_seqlens: int64 [N + 1], 0 = c_0 < c_1 < ... < c_N = T, with B == 1. Returns N."""
+def check_cu_seqlens(cu_seqlens, B: int, T: int, values: bool = True) -> int:
+    """cu_seqlens: int64 [N + 1], 0 = c_0 < c_1 < ... < c_N = T, with B == 1. Returns N. values=False
+    checks the metadata only (type, dtype, shape: no read of the tensor, no host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if B != 1:
@@ -120,7 +122,12 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
         raise ValueError(f"cu_seqlens must be int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.tolist()
+    if not values:
+        return cu_seqlens.numel() - 1
+    return _check_offsets(cu_seqlens.tolist(), T)
+
+
+def _check_offsets(cu: list, T: int) -> int:
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
     if any(b <= a for a, b in zip(cu[:-1], cu[1:])):
@@ -131,7 +138,11 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
 
 
 def sequence_bounds(B: int, T: int, cu_seqlens) -> list[int]:
-    """Start offsets of the N sequences in the flattened token stream [B*T], plus the end."""
+    """Start offsets of the N sequences in the flattened token stream [B*T], plus the end. Reads
+    cu_seqlens on the host (a device->host sync for a GPU tensor) and checks its values
+    (check_cu_seqlens' rules, ValueError)."""
     if cu_seqlens is None:
         return [b * T for b in range(B + 1)]
-    return [int(c) for c in cu_seqlens.tolist()]
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    _check_offsets(cu, B * T)      # read here anyway: the checks check_inputs skips on a device
+    return cu

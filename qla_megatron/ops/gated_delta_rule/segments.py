@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from .inputs import check_inputs, compute_dtype, default_scale, packed_stream, sequence_bounds
-from .segment_plan import (GATE_LOG_THRESHOLD, WARMUP_CHUNKS, SegmentPlan, Walk, chain_walk, plan_segments,
-                           warmup_windows)
+from .segment_plan import (GATE_LOG_THRESHOLD, WARMUP_CHUNKS, SegmentPlan, Walk, WalkTables, chain_walk,
+                           plan_segments, warmup_windows)
 from .torch import chunk_scan
 
 
@@ -60,9 +60,10 @@ def summarize(k, v, g, beta, bounds):
     return end[..., K:], end[..., :K]
 
 
-def compose(walk: Walk, summ: torch.Tensor, z0: Optional[torch.Tensor] = None, NS: Optional[int] = None, *,
+def compose(walk, summ: torch.Tensor, z0: Optional[torch.Tensor] = None, NS: Optional[int] = None, *,
             backend: str = "torch") -> torch.Tensor:
-    """The composition along every sequence of `walk` (segment_plan.Walk): Z[0] = z0[walk.z0[q]] (or 0),
+    """The composition along every sequence of `walk` (segment_plan.Walk on the host, or its device form
+    WalkTables, as KernelTables hold it): Z[0] = z0[walk.z0[q]] (or 0),
     Z[j + 1] = M_j Z[j] + S_ext_j with [M_j | S_ext_j] = summ[walk.srow[q][j]], Z[j] written to row
     walk.zrow[q][j]. Forward: summaries [M | S_ext], z0 the initial states, the outputs the segments'
     start states. Backward (the dual): [M^T | dS_ext], z0 the terminal adjoints, the outputs every
@@ -71,12 +72,15 @@ def compose(walk: Walk, summ: torch.Tensor, z0: Optional[torch.Tensor] = None, N
     summ [NSS, ..., K, K + V]; z0 [NQ, ..., K, V] or None; returns [NS, ..., K, V] (NS: the rows the
     walk writes, by default all it names). backend: "torch" (the reference: differentiable, any
     dtype and leading dims, one batched product per step over the sequences still walking) or
-    "tilelang" (hopper/compose.py's kernel, one launch: fp32, summ [NSS, HV, K, K + V])."""
+    "tilelang" (hopper/compose.py's kernel, one launch: fp32, summ [NSS, HV, K, K + V]). The torch
+    reference walks on the host: given WalkTables it reads them (WalkTables.to_walk)."""
     if backend == "tilelang":
         from .hopper.chunk import compose as hopper_compose
-        return hopper_compose(walk, summ, z0, NS)
+        return hopper_compose(walk if isinstance(walk, WalkTables) else walk.tensors(summ.device), summ, z0, NS)
     if backend != "torch":
         raise ValueError(f"compose: backend must be 'torch' or 'tilelang', got {backend!r}")
+    if isinstance(walk, WalkTables):
+        walk = walk.to_walk()
     K = summ.shape[-2]
     zero = summ.new_zeros(summ.shape[1:-1] + (summ.shape[-1] - K,))
     Z = [z0[r] if z0 is not None else zero for r in walk.z0]

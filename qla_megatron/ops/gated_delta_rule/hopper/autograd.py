@@ -1,8 +1,11 @@
 """The autograd Function of the Hopper path: forward and backward both on the TileLang kernels.
 
 Forward: chunk.chunk_gated_delta_rule_fwd, keeping its ForwardSaved (chunk factors, segment starts).
-Backward: backward.chunk_gated_delta_rule_bwd on the same plan. Plans are built once per shape
-(chunk._make_plan's cache), so a forward + backward of fixed shapes does not wait on the host.
+Backward: backward.chunk_gated_delta_rule_bwd on the same plan (kept in ForwardSaved). Plans come
+from shapes only (chunk.plan_for): batch rows' built once per shape on the host and cached, packed
+sequences' built on the device from cu_seqlens in the forward; so a forward + backward of fixed
+shapes makes no host synchronisation, with or without cu_seqlens (tests/ops/test_packed_plan.py runs
+it on meta tensors, where any read of a value fails).
 """
 
 from __future__ import annotations

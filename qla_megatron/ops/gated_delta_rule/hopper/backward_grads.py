@@ -165,7 +165,10 @@ def backward_grads_kernel(
             T.clear(dQn)
             T.clear(dKn)
 
-            for hi in T.serial(GQ):
+            # A chunk row without valid tokens (a padding row of a packed plan) walks no v-head: it
+            # writes nothing either way. Not for GQ = 1, where a loop of one static step is no loop
+            # and the shared-memory plan of the kernel as measured (191 KB at 32/32) would change.
+            for hi in T.serial(GQ if GQ == 1 else T.if_then_else(n > 0, GQ, 0)):
                 hv = hk * GQ + hi
                 for i in T.Parallel(C):
                     g_raw[i] = T.if_then_else(i < n, g[t0 + i, hv], 0.0)

@@ -9,7 +9,11 @@
     forward   per (value block, v-head, segment): o, end state, optional per-chunk states
 
 Without intra-card CP (one segment per sequence) only prepare and forward run. The plan (segs,
-sum_segs, the walks) is segment_plan's SegmentPlan, the one plan of the segment mechanism.
+sum_segs, the walks) is segment_plan's, the one plan of the segment mechanism, in its one table
+layout (KernelTables): batch rows take the host plan, built once per shape and cached; packed
+sequences build theirs on the device from cu_seqlens (segment_plan.packed_tables, with padding rows
+the kernels skip), so neither waits for the device. The segment length comes from shapes only
+(intra_cp.plan_segment_len for batch rows, intra_cp.packed_segment_len for packed sequences).
 
 The backward (backward.py) runs the dual on the same plan: the states pass, (backward summary ->
 compose ->) the adjoint walk, the gradients.
@@ -26,10 +30,9 @@ from typing import Optional
 
 import torch
 
-from ..inputs import sequence_bounds
-from ..intra_cp import IntraCPConfig, plan_segment_len
+from ..intra_cp import IntraCPConfig, packed_segment_len, plan_segment_len
 from .. import segments
-from ..segment_plan import KernelTables, Walk, plan_segments
+from ..segment_plan import KernelTables, WalkTables, packed_tables, plan_segments
 from .compose import compose_kernel
 from .backward_dh import backward_dh_kernel
 from .backward_grads import backward_grads_kernel
@@ -71,20 +74,35 @@ def empty(*shape, dtype, device):
 
 def _make_plan(bounds: tuple, seg_len: Optional[int], device: torch.device) -> KernelTables:
     """The kernels' tables of one (sequence bounds, segment length): segment_plan's one plan, built
-    once on the host and cached by shape."""
+    once on the host and cached by shape (batch rows; packed sequences: segment_plan.packed_tables)."""
     return plan_segments(bounds, seg_len).kernel_tables(device)
 
 
-def compose(walk: Walk, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
+def plan_for(B: int, T: int, cu_seqlens: Optional[torch.Tensor], HV: int, K: int, V: int,
+             cfg: IntraCPConfig, device: torch.device) -> KernelTables:
+    """The tables of a call, planned from shapes only: batch rows by the host plan cached per shape;
+    packed sequences by packed_tables on the device (cu_seqlens is never read here)."""
+    sms = _num_sms(device.index or 0)
+    if cu_seqlens is None:
+        seg_len = plan_segment_len([T] * B, HV, K, V, sms, BV=bv_main(V), config=cfg)
+        seg_len = seg_len if seg_len is not None and seg_len < T else None
+        return _make_plan(tuple(b * T for b in range(B + 1)), seg_len, device)
+    N = cu_seqlens.numel() - 1
+    seg_len = packed_segment_len(B * T, N, HV, K, V, sms, BV=bv_main(V), config=cfg)
+    return packed_tables(cu_seqlens, B * T, seg_len)
+
+
+def compose(walk: WalkTables, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
     """The Hopper implementation of segments.compose: one launch of compose_kernel (compose.py) for
-    every sequence of the walk. summ [NSS, HV, K, K + V] fp32, z0 [N, HV, K, V] fp32 or None; returns
-    [NS, HV, K, V] fp32."""
+    every sequence of the walk (its device tables). summ [NSS, HV, K, K + V] fp32, z0 [N, HV, K, V]
+    fp32 or None; returns [NS, HV, K, V] fp32 (rows no walk names, the plan's padding rows, are not
+    written)."""
     NSS, HV, K, W = summ.shape
     V = W - K
     kern = compose_kernel(HV, K, V, has_initial=z0 is not None, BVc=COMPOSE_BVC)
     out = empty(NS, HV, K, V, dtype=torch.float32, device=summ.device)
     dummy = summ.new_empty(1, HV, K, V)
-    kern(summ, z0 if z0 is not None else dummy, *walk.tensors(summ.device), out)
+    kern(summ, z0 if z0 is not None else dummy, walk.meta, walk.srow, walk.zrow, out)
     return out
 
 
@@ -185,15 +203,9 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     and with save_for_backward a third item, the ForwardSaved the backward (backward.py) runs from."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
-    dev = k.device
-    bounds = tuple(sequence_bounds(B, T, cu_seqlens))
-    N = len(bounds) - 1
-    lens = [bounds[n + 1] - bounds[n] for n in range(N)]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
-    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(dev.index or 0), BV=bv_main(V), config=cfg)
-    if seg_len is not None and seg_len >= max(lens):
-        seg_len = None
-    plan = _make_plan(bounds, seg_len, dev)
+    plan = plan_for(B, T, cu_seqlens, HV, K, V, cfg, k.device)
 
     qf, kf, vf, gf, bf = flat_inputs(q, k, v, g, beta)
     scale = K ** -0.5 if scale is None else float(scale)

@@ -204,8 +204,9 @@ def prepare_kernel(
             # Column c of head tx // C: A_g[:, c] by forward substitution, in blocks of B rows: a
             # diagonal block is a triangle (x[r] enters holding the sum over earlier blocks), the
             # rows below it take its columns as a rectangle (rows independent: one accumulator each,
-            # x[r] itself). x[r] = 0 exactly for r < c (the sums are of +0 terms).
-            if tx < HP * C:
+            # x[r] itself). x[r] = 0 exactly for r < c (the sums are of +0 terms). A chunk row without
+            # valid tokens (a padding row of a packed plan) skips it: no kernel reads that row's Ai.
+            if T.And(tx < HP * C, n > 0):
                 hh = tx // C
                 for r in T.unroll(C):
                     x[r] = 0.0
