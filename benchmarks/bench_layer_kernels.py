@@ -29,6 +29,8 @@ def parse():
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", action="store_true",
                    help="after each row, the GPU kernels of one forward+backward and their times (torch.profiler)")
+    p.add_argument("--conv-tiles", action="store_true",
+                   help="only our conv, once per (FWD_TILE, BWD_TILE) candidate of kernels/conv.py, dense and packed")
     return p.parse_args()
 
 
@@ -66,8 +68,61 @@ def row(name, T, fn, leaves, args):
         print(f"| {name} | {T} | failed: {type(e).__name__}: {str(e)[:100]} | |", flush=True)
 
 
+def conv_tiles(args):
+    """Our conv + SiLU forward and forward+backward for every (FWD_TILES x BWD_TILES) candidate of
+    qla_megatron/layers/kernels/conv.py (its module constants overridden), on the layer's split view;
+    y, dx and dweight against the first candidate's (max abs difference). One row per candidate."""
+    import itertools
+
+    from qla_megatron.layers.kernels import causal_conv1d_silu
+    from qla_megatron.layers.kernels import conv as conv_module
+
+    dev, dt, D = args.device, torch.bfloat16, 2 * 16 * 128 + 32 * 128
+    default = conv_module.FWD_TILE, conv_module.BWD_TILE
+    print("| fwd tile | bwd tile | rows | tokens | fwd ms | fwd+bwd ms | bwd ms (difference) "
+          "| max abs diff y, dx, dw |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for T in args.tokens:
+        wide = torch.randn(T, 1, D + 32 * 128 + 64, device=dev, dtype=dt, requires_grad=True)
+        qkv = wide.transpose(0, 1)[..., :D]
+        w = (torch.randn(D, 1, 4, device=dev) / 2).to(dt).requires_grad_()
+        lengths = torch.full((args.seqs,), T // args.seqs)
+        lengths[-1] += T - int(lengths.sum())
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+        cot = torch.randn(1, T, D, device=dev, dtype=dt)
+        for rows, cu_arg in (("dense", None), (f"{args.seqs} packed", cu)):
+            first = None
+            for ftile, btile in itertools.product(conv_module.FWD_TILES, conv_module.BWD_TILES):
+                conv_module.FWD_TILE, conv_module.BWD_TILE = ftile, btile
+
+                def fwd():
+                    with torch.no_grad():
+                        causal_conv1d_silu(qkv, w, cu_seqlens=cu_arg)
+
+                def fwd_bwd():
+                    y = causal_conv1d_silu(qkv, w, cu_seqlens=cu_arg)
+                    return (y.detach(), *torch.autograd.grad(y, [wide, w], cot))
+
+                try:
+                    got = fwd_bwd()
+                    first = first or got
+                    diff = ", ".join(f"{(a.float() - b.float()).abs().max().item():.1e}" for a, b in zip(got, first))
+                    f, fb = timed(fwd, args), timed(fwd_bwd, args)
+                    print(f"| {ftile} | {btile} | {rows} | {T} | {f:.3f} | {fb:.3f} | {fb - f:.3f} | {diff} |",
+                          flush=True)
+                except Exception as e:  # a tile that cannot compile or run is reported, not fatal
+                    print(f"| {ftile} | {btile} | {rows} | {T} | failed: {type(e).__name__}: {str(e)[:100]} |",
+                          flush=True)
+                finally:
+                    conv_module.FWD_TILE, conv_module.BWD_TILE = default
+
+
 def main():
     args = parse()
+    if args.conv_tiles:
+        card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
+        print(f"Card: {card}; torch {torch.__version__}; bf16 conv over 8192 channels of a [T, 1, 12352] split view, "
+              f"W = 4, no bias, SiLU; median of {args.iters} after {args.warmup}", flush=True)
+        return conv_tiles(args)
     from qla_megatron.layers.conv import causal_depthwise_conv1d
     from qla_megatron.layers.kernels import causal_conv1d_silu, gate_head, gated_rms_norm
 

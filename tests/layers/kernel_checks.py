@@ -56,6 +56,8 @@ def conv_ref(x, weight, bias, cu_seqlens, initial_state, silu=True):
     bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
     outs = []
     for n in range(len(bounds) - 1):
+        if bounds[n + 1] == bounds[n]:
+            continue  # an empty sequence: no tokens, its halo feeds nothing
         piece = x[:, bounds[n]:bounds[n + 1]]
         halo = initial_state[:, n] if initial_state is not None else x.new_zeros(B, W - 1, D)
         full = torch.cat([halo, piece], 1).transpose(1, 2)
@@ -120,9 +122,24 @@ def lengths_to_cu(lengths, device):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=device, dtype=torch.int64)
 
 
-def check_conv(device, dtype, B, T, D, W=4, lengths=None, halo=False, bias=True, silu=True, strided=True):
-    """x as a split view of a wider token-major tensor (strided=True) like the layer's in_proj output."""
+def check_conv(device, dtype, B, T, D, W=4, lengths=None, halo=False, bias=True, silu=True, strided=True,
+               consts=None):
+    """x as a split view of a wider token-major tensor (strided=True) like the layer's in_proj output.
+    consts: module constants of kernels/conv.py (tiles) to set for this check, e.g. {"BWD_TILE": ...}."""
     from qla_megatron.layers.kernels import causal_conv1d_silu
+    from qla_megatron.layers.kernels import conv as conv_module
+
+    saved = {k: getattr(conv_module, k) for k in consts or {}}
+    for k, v in (consts or {}).items():
+        setattr(conv_module, k, v)
+    try:
+        return _check_conv(device, dtype, B, T, D, W, lengths, halo, bias, silu, strided, causal_conv1d_silu)
+    finally:
+        for k, v in saved.items():
+            setattr(conv_module, k, v)
+
+
+def _check_conv(device, dtype, B, T, D, W, lengths, halo, bias, silu, strided, causal_conv1d_silu):
 
     cu = lengths_to_cu(lengths, device) if lengths is not None else None
     N = 1 if cu is None else len(lengths)
@@ -256,7 +273,13 @@ SMALL = {
     "conv": [dict(B=2, T=37, D=20), dict(B=1, T=70, D=130, lengths=[1, 2, 30, 5, 32], halo=True, strided=False),
              dict(B=2, T=33, D=9, W=3, halo=True, bias=False, strided=False),
              dict(B=1, T=45, D=12, lengths=[3, 40, 2], silu=False, halo=True),
-             dict(B=1, T=40, D=16, W=2, lengths=[40], bias=False), dict(B=1, T=20, D=8, W=1, lengths=[5, 15])],
+             dict(B=1, T=40, D=16, W=2, lengths=[40], bias=False), dict(B=1, T=20, D=8, W=1, lengths=[5, 15]),
+             # boundaries at the backward's 8-token tile edges and just past them, an empty sequence,
+             # two channel blocks (the second partial); a program walking several tiles (n_iters > 1)
+             dict(B=1, T=41, D=300, lengths=[8, 8, 5, 0, 3, 17], halo=True),
+             dict(B=1, T=24, D=10, lengths=[8, 1, 7, 8]),
+             dict(B=2, T=70, D=40, lengths=[9, 3, 20, 38], halo=True,  # 4 x 32 tiles, 2 programs of 9 tiles
+                  consts=dict(BWD_TILE=(4, 32, 1), BWD_MIN_PROGRAMS=2))],
     "gated_norm": [dict(B=2, S=7, HV=3, V=32), dict(B=1, S=5, HV=2, V=24, out_layout="sbd"),
                    dict(B=3, S=4, HV=2, V=16, out_layout="sbd")],
     "gate_head": [dict(B=2, S=35, HV=3), dict(B=1, S=70, HV=8)],

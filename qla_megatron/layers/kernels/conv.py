@@ -8,9 +8,21 @@ token strides, unit channel stride: the in_proj split view of the layer), y and 
 contiguous [B, T, D]. Sequence boundaries come from cu_seqlens on the device (a binary search per
 token inside the kernel): nothing is read on the host. fp32 math in registers.
 
-The backward recomputes the pre-activation at the W positions each token feeds, so nothing but the
-inputs is saved. dweight / dbias are summed per program in registers into an fp32 [programs, W, D]
-buffer and reduced by torch (deterministic, no atomics); dinitial_state has its own small kernel.
+The backward saves nothing but the inputs. A program owns BD channels and walks consecutive tiles of
+BT tokens; a tile is handled as rows (each token a [BD] vector, a few channels per thread) so that
+every token shift is a static index into the tile's rows, not another load. Per tile it loads the x
+rows t0-W+1 .. t0+BT+W-2 and the dy rows t0 .. t0+BT+W-2 once, recomputes the pre-activation and
+dpre (dy * silu'(pre) with SiLU) of each row once from those registers (BT + W - 1 rows: dx of the
+tile's last tokens needs dpre up to W - 1 tokens past it), and forms dx(t) = sum_s weight[W-1-s]
+dpre(t+s) over t+s inside t's sequence. Each row's (sequence, start, end) comes from a scalar search
+of cu_seqlens (before a sequence's start a row reads the halo row or 0; dpre past its end feeds
+nothing). dweight / dbias accumulate elementwise in [BD] fp32 registers over every token the program
+walks (no reduction across threads at all) and go out once per program as partials [programs, W + 1,
+D] that torch sums (deterministic, no atomics); dinitial_state has its own small kernel. The loads
+come first in each tile so they are all in flight together: it is a streaming kernel whose floor is
+reading x and dy and writing dx. Tiles are the module constants FWD_TILE / BWD_TILE ((BT, BD,
+num_warps)); FWD_TILES / BWD_TILES are candidates for a sweep (benchmarks/bench_layer_kernels.py
+--conv-tiles).
 """
 
 from __future__ import annotations
@@ -19,12 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_T, BLOCK_D = 32, 128
+# Tiles: (BT tokens, BD channels, num_warps); module constants so a benchmark can override them.
+FWD_TILE = (32, 128, 4)
+BWD_TILE = (8, 256, 4)
+BWD_TOKENS = 512  # tokens one backward program walks (its dweight partial covers them), at most ...
+BWD_MIN_PROGRAMS = 64  # ... while >= this many token programs per channel block remain
+HALO_BD = 128
+# candidates for a sweep (benchmarks/bench_layer_kernels.py --conv-tiles), the defaults first
+FWD_TILES = [(32, 128, 4), (16, 128, 4), (32, 256, 8)]
+BWD_TILES = [(8, 256, 4), (16, 256, 4), (8, 128, 2), (16, 512, 8), (4, 256, 4), (8, 512, 4)]
 
 
 @triton.jit
 def _seq_bounds(cu_ptr, t, T, N, LOG_N: tl.constexpr, VARLEN: tl.constexpr):
-    """(sequence index, start, end) of every token position t (a vector)."""
+    """(sequence index, start, end) of token position t (a vector or a scalar)."""
     if VARLEN:
         lo = tl.zeros_like(t)
         hi = tl.zeros_like(t) + N  # invariant: cu[lo] <= t < cu[hi]
@@ -103,55 +123,83 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, h_ptr, cu_ptr, dy_ptr, dx_ptr, dw_ptr,
                      sxb, sxt, shb, shn, sht, sdyb, sdyt, sdxb, sdxt,
                      W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, LOG_N: tl.constexpr,
                      VARLEN: tl.constexpr, HAS_H: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr):
-    """Program (pid_t, pid_d, b) walks n_iters token blocks; dw partials [programs, W + 1, D] (row W: dbias)."""
+    """Program (pid_t, pid_d, b) walks n_iters tiles of BT tokens x BD channels; dw partials
+    [programs, W + 1, D] (row W: dbias). Every token row is a [BD] vector; the shifts are static
+    indices into the tile's rows, so each x / dy row is loaded once per tile."""
     pid_t, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = pid_d * BD + tl.arange(0, BD)
     dmask = d < D
     x_b = x_ptr + b.to(tl.int64) * sxb
     h_b = h_ptr + b.to(tl.int64) * shb
     dy_b = dy_ptr + b.to(tl.int64) * sdyb
-    dbias = tl.zeros([BD], dtype=tl.float32)
-    dw0 = tl.zeros([BD], dtype=tl.float32)
-    dw1 = tl.zeros([BD], dtype=tl.float32)
-    dw2 = tl.zeros([BD], dtype=tl.float32)
-    dw3 = tl.zeros([BD], dtype=tl.float32)  # W <= 4 (checked by the launcher)
+    dx_b = dx_ptr + b.to(tl.int64) * sdxb
+    ws = ()  # ws[j]: the weight of x(t - j)
+    for j in tl.static_range(W):
+        ws = ws + (tl.load(w_ptr + d * W + (W - 1 - j), mask=dmask, other=0.0).to(tl.float32),)
+    if HAS_B:
+        bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BD], dtype=tl.float32)
+    accs = ()  # accs[j] += dpre(t) * x(t - j) (dweight[W-1-j]); accs[W] += dpre(t) (dbias)
+    for j in tl.static_range(W + 1):
+        accs = accs + (tl.zeros([BD], dtype=tl.float32),)
+    R: tl.constexpr = BT + W - 1  # rows whose dpre the tile needs: its BT tokens and W - 1 after
     for it in range(n_iters):
-        t = (pid_t * n_iters + it) * BT + tl.arange(0, BT)
-        tmask = t < T
-        mask = tmask[:, None] & dmask[None, :]
-        seq, start, end = _seq_bounds(cu_ptr, t, T, N, LOG_N, VARLEN)
-        end = tl.where(tmask, end, start)  # tokens past T feed nothing
-        dx = tl.zeros([BT, BD], dtype=tl.float32)
-        for s in tl.static_range(W):
-            dp = _dpre_at(x_b, h_b, w_ptr, b_ptr, dy_b, t + s, seq, start, end, d, dmask, sxt, shn, sht, sdyt,
-                          W, HAS_H, HAS_B, SILU)
-            ws = tl.load(w_ptr + d * W + (W - 1 - s), mask=dmask, other=0.0).to(tl.float32)
-            dx += ws[None, :] * dp
-            if s == 0:  # dweight[W-1-j] += dpre(t) * x(t-j)
-                dbias += tl.sum(dp, axis=0)
-                for j in tl.static_range(W):
-                    xj = _x_at(x_b, h_b, t - j, seq, start, d, mask, sxt, shn, sht, W, HAS_H)
-                    part = tl.sum(dp * xj, axis=0)
-                    if W - 1 - j == 0:
-                        dw0 += part
-                    elif W - 1 - j == 1:
-                        dw1 += part
-                    elif W - 1 - j == 2:
-                        dw2 += part
+        t0 = (pid_t * n_iters + it) * BT
+        # every load first (x rows t0-W+1 .. t0+R-1, dy rows t0 .. t0+R-1), masked by [0, T) only
+        xr = ()
+        for r in tl.static_range(-(W - 1), R):
+            p = t0 + r
+            xr = xr + (tl.load(x_b + p.to(tl.int64) * sxt + d, mask=dmask & (p >= 0) & (p < T), other=0.0),)
+        dyr = ()
+        for r in tl.static_range(R):
+            p = t0 + r
+            dyr = dyr + (tl.load(dy_b + p.to(tl.int64) * sdyt + d, mask=dmask & (p < T), other=0.0),)
+        dps = ()
+        ends = ()
+        for r in tl.static_range(R):
+            t = t0 + r
+            seq, start, end = _seq_bounds(cu_ptr, t, T, N, LOG_N, VARLEN)
+            xt = ()  # x(t - j) as seen from t's sequence: the halo row or 0 before its start
+            for j in tl.static_range(W):
+                v = xr[r - j + W - 1].to(tl.float32)
+                if j > 0 and (VARLEN or HAS_H):
+                    before = t - j < start
+                    if HAS_H:
+                        hv = tl.load(h_b + seq.to(tl.int64) * shn + (W - 1 - start + t - j) * sht + d,
+                                     mask=dmask & before, other=0.0).to(tl.float32)
+                        v = tl.where(before, hv, v)
                     else:
-                        dw3 += part
-        tl.store(dx_ptr + b.to(tl.int64) * sdxb + t.to(tl.int64)[:, None] * sdxt + d[None, :],
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                        v = tl.where(before, 0.0, v)
+                xt = xt + (v,)
+            dp = dyr[r].to(tl.float32)
+            if SILU:
+                pre = bias + ws[0] * xt[0]
+                for j in tl.static_range(1, W):
+                    pre += ws[j] * xt[j]
+                sig = tl.sigmoid(pre)
+                dp = dp * sig * (1.0 + pre * (1.0 - sig))
+            dps = dps + (dp,)
+            ends = ends + (end,)
+            if r < BT:
+                new = ()
+                for j in tl.static_range(W):
+                    new = new + (accs[j] + dp * xt[j],)
+                accs = new + (accs[W] + dp,)
+            if r >= W - 1:  # dx(q), q = r-W+1: sum_s w[W-1-s] dpre(q + s) over q + s in q's sequence
+                dx = ws[0] * dps[r - W + 1]
+                for s in tl.static_range(1, W):
+                    if VARLEN:
+                        dx += ws[s] * tl.where(t - W + 1 + s < ends[r - W + 1], dps[r - W + 1 + s], 0.0)
+                    else:
+                        dx += ws[s] * dps[r - W + 1 + s]  # rows past T have dpre 0
+                tl.store(dx_b + (t - W + 1).to(tl.int64) * sdxt + d, dx.to(dx_ptr.dtype.element_ty),
+                         mask=dmask & (t - W + 1 < T))
     prog = (b * tl.num_programs(0) + pid_t).to(tl.int64)
     out = dw_ptr + prog * (W + 1) * D + d
-    tl.store(out, dw0, mask=dmask)
-    if W > 1:
-        tl.store(out + D, dw1, mask=dmask)
-    if W > 2:
-        tl.store(out + 2 * D, dw2, mask=dmask)
-    if W > 3:
-        tl.store(out + 3 * D, dw3, mask=dmask)
-    tl.store(out + W * D, dbias, mask=dmask)
+    for j in tl.static_range(W):
+        tl.store(out + (W - 1 - j) * D, accs[j], mask=dmask)
+    tl.store(out + W * D, accs[W], mask=dmask)
 
 
 @triton.jit
@@ -228,11 +276,12 @@ class _CausalConv1dFn(torch.autograd.Function):
             hs = (h.stride(0), h.stride(1), h.stride(2))
         cu = cu_seqlens if cu_seqlens is not None else x
         log_n = max(1, (N).bit_length())
-        grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D), B)
+        BT, BD, nw = FWD_TILE
+        grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
         _conv_fwd_kernel[grid](x, w, bias if bias is not None else w, h, cu, y, T, D, N,
                                x.stride(0), x.stride(1), *hs, y.stride(0), y.stride(1),
-                               W=W, BT=BLOCK_T, BD=BLOCK_D, LOG_N=log_n, VARLEN=cu_seqlens is not None,
-                               HAS_H=initial_state is not None, HAS_B=bias is not None, SILU=silu)
+                               W=W, BT=BT, BD=BD, LOG_N=log_n, VARLEN=cu_seqlens is not None,
+                               HAS_H=initial_state is not None, HAS_B=bias is not None, SILU=silu, num_warps=nw)
         ctx.save_for_backward(x, weight, bias, h if initial_state is not None else None, cu_seqlens)
         ctx.silu, ctx.N = silu, N
         return y
@@ -249,15 +298,16 @@ class _CausalConv1dFn(torch.autograd.Function):
         hp = h if h is not None else x
         cu = cu_seqlens if cu_seqlens is not None else x
         varlen, has_b = cu_seqlens is not None, bias is not None
-        n_tb = triton.cdiv(T, BLOCK_T)
-        n_iters = max(1, min(16, n_tb // 64))  # >= 64 token programs per channel block, dw partials short
-        grid = (triton.cdiv(n_tb, n_iters), triton.cdiv(D, BLOCK_D), B)
+        BT, BD, nw = BWD_TILE
+        n_tb = triton.cdiv(T, BT)
+        n_iters = max(1, min(BWD_TOKENS // BT, n_tb // BWD_MIN_PROGRAMS))
+        grid = (triton.cdiv(n_tb, n_iters), triton.cdiv(D, BD), B)
         dx = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         dwb = torch.empty(B * grid[0], W + 1, D, device=x.device, dtype=torch.float32)
         _conv_bwd_kernel[grid](x, w, bias if has_b else w, hp, cu, dy, dx, dwb, T, D, N, n_iters,
                                x.stride(0), x.stride(1), *hs, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-                               W=W, BT=BLOCK_T, BD=BLOCK_D, LOG_N=max(1, N.bit_length()), VARLEN=varlen,
-                               HAS_H=h is not None, HAS_B=has_b, SILU=ctx.silu)
+                               W=W, BT=BT, BD=BD, LOG_N=max(1, N.bit_length()), VARLEN=varlen,
+                               HAS_H=h is not None, HAS_B=has_b, SILU=ctx.silu, num_warps=nw)
         dwb = dwb.sum(0)
         dweight = dwb[:W].t().reshape(D, 1, W).to(weight.dtype)
         dbias = dwb[W].to(bias.dtype) if has_b else None
@@ -265,10 +315,10 @@ class _CausalConv1dFn(torch.autograd.Function):
         if h is not None:
             dh = torch.empty(B, N, W - 1, D, device=x.device, dtype=h.dtype)
             if W > 1:
-                _conv_bwd_halo_kernel[(N, triton.cdiv(D, BLOCK_D), B)](
+                _conv_bwd_halo_kernel[(N, triton.cdiv(D, HALO_BD), B)](
                     x, w, bias if has_b else w, h, cu, dy, dh, T, D,
                     x.stride(0), x.stride(1), *hs, dy.stride(0), dy.stride(1), dh.stride(0), dh.stride(1),
-                    dh.stride(2), W=W, BH=4, BD=BLOCK_D, VARLEN=varlen, HAS_B=has_b, SILU=ctx.silu)
+                    dh.stride(2), W=W, BH=4, BD=HALO_BD, VARLEN=varlen, HAS_B=has_b, SILU=ctx.silu)
         return dx, dweight, dbias, dh, None, None
 
 
