@@ -33,14 +33,19 @@ def main():
 
 def precompile_tests():
     """Every kernel the GPU tests (tests/ops/test_hopper_*.py) and bench_ops.py launch, in parallel."""
+    todo = test_kernel_items()
+    print(f"parallel precompile of {len(todo)} kernels: {precompile(todo, workers=15):.1f} s", flush=True)
+
+
+def test_kernel_items():
+    """[(factory name, args, kwargs)] of every kernel the GPU tests and bench_ops.py launch."""
     todo = [it for h, hv in HEADS for it in kernel_set(h, hv, 128, 128)]
     todo += kernel_set(2, 4, 128, 64) + kernel_set(2, 4, 128, 256)
     todo += kernel_set(2, 4, 128, 128, torch.float16) + kernel_set(2, 8, 128, 128, l2norm=False)
     for gc in (0, 2):     # the exact summaries and the tests' 2-chunk warm-ups
         todo += [it for it in kernel_set(2, 8, 128, 128, gate_chunks=gc) if it[2].get("summary")]
     todo += [it for it in kernel_set(16, 32, 128, 128, gate_chunks=0) if it[2].get("summary")]
-    todo = list({repr(it): it for it in todo}.values())
-    print(f"parallel precompile of {len(todo)} kernels: {precompile(todo, workers=15):.1f} s", flush=True)
+    return list({repr(it): it for it in todo}.values())
 
 
 def breakdown():

@@ -9,11 +9,18 @@ from a cu_seqlens tensor without reading it.
 * No value is read: the builder, and the whole Hopper forward + backward around it (kernels
   recorded instead of run), run on 'meta' tensors, which have no values, so any .item(), .tolist(),
   nonzero(), boolean-mask index or other value-sized op raises there (checked too).
+* The Triton builder the Hopper path uses on CUDA (hopper/packed_plan.py) gives the torch
+  builder's tables exactly (packed_plan_checks.py: under Triton's interpreter here, on a GPU with
+  `-m gpu`), offsets outside the contract included.
 On a GPU, test_hopper_backward.py::test_packed_sequences_make_no_host_sync runs forward + backward of
 packed sequences under torch.cuda.set_sync_debug_mode("error") against the float64 recurrence.
 """
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +139,24 @@ def test_device_walks_compose_like_host_walks(with_z0):
         want = compose(host_walk, summ[:n_real], z0, host_plan.NS)
         got = compose(dev_walk, summ, z0, host_plan.NS)
         assert torch.equal(got, want)
+
+
+def test_triton_builder_interpreted(fresh_seed):
+    """hopper/packed_plan.py's kernels under TRITON_INTERPRET=1 (set before they are defined, so in a
+    subprocess): every table equal to packed_tables' on every case of this file and random packings."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", QLA_TEST_SEED=str(fresh_seed), PYTHONWARNINGS="ignore")
+    run = subprocess.run([sys.executable, "-m", "tests.ops.packed_plan_checks"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"packed plan: {len(CASES) * len(SEG_LENS) + 120} pairs equal" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_builder_on_gpu(fresh_seed):
+    from .packed_plan_checks import check_all
+    assert check_all("cuda", fresh_seed, n_random=200, n_invalid=200) == len(CASES) * len(SEG_LENS) + 400
 
 
 def test_invalid_offsets_stay_in_bounds():

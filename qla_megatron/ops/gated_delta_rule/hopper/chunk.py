@@ -11,8 +11,8 @@
 Without intra-card CP (one segment per sequence) only prepare and forward run. The plan (segs,
 sum_segs, the walks) is segment_plan's, the one plan of the segment mechanism, in its one table
 layout (KernelTables): batch rows take the host plan, built once per shape and cached; packed
-sequences build theirs on the device from cu_seqlens (segment_plan.packed_tables, with padding rows
-the kernels skip), so neither waits for the device. The segment length comes from shapes only
+sequences build theirs on the device from cu_seqlens (hopper/packed_plan.py, the Triton twin of
+segment_plan.packed_tables, with padding rows the kernels skip), so neither waits for the device. The segment length comes from shapes only
 (intra_cp.plan_segment_len for batch rows, intra_cp.packed_segment_len for packed sequences).
 
 The backward (backward.py) runs the dual on the same plan: the states pass, (backward summary ->
@@ -33,6 +33,7 @@ import torch
 from ..intra_cp import IntraCPConfig, packed_segment_len, plan_segment_len
 from .. import segments
 from ..segment_plan import KernelTables, WalkTables, packed_tables, plan_segments
+from .packed_plan import packed_tables_device
 from .compose import compose_kernel
 from .backward_dh import backward_dh_kernel
 from .backward_grads import backward_grads_kernel
@@ -89,7 +90,10 @@ def plan_for(B: int, T: int, cu_seqlens: Optional[torch.Tensor], HV: int, K: int
         return _make_plan(tuple(b * T for b in range(B + 1)), seg_len, device)
     N = cu_seqlens.numel() - 1
     seg_len = packed_segment_len(B * T, N, HV, K, V, sms, BV=bv_main(V), config=cfg)
-    return packed_tables(cu_seqlens, B * T, seg_len)
+    # On CUDA the Triton builder (six launches, not ~70 torch ops: the host's launch time was the
+    # packed forward's at few heads); the torch builder elsewhere ('meta' in the tests). Same tables.
+    build = packed_tables_device if cu_seqlens.is_cuda else packed_tables
+    return build(cu_seqlens, B * T, seg_len)
 
 
 def compose(walk: WalkTables, summ: torch.Tensor, z0: Optional[torch.Tensor], NS: int) -> torch.Tensor:
