@@ -1,7 +1,7 @@
 """Compile Hopper kernels for sm_90a on a machine without a GPU and report what ptxas says.
 
 TileLang generates and nvcc compiles sm_90a code without a GPU; only libcuda is needed at link time,
-and an empty stub serves (shared/gpu/README.md, "Compile on the CPU first"). For every kernel this
+and an empty stub serves (stub_libcuda; benchmarks/warm_cache.py uses it too). For every kernel this
 prints the TileLang compile time, then registers per thread, spills, named barriers and shared memory
 from `nvcc -Xptxas -v` on the generated source:
 
@@ -11,7 +11,7 @@ from `nvcc -Xptxas -v` on the generated source:
 
 Compile times are cold (TileLang's cache off) unless --warm; the nvcc run for the report is extra.
 
-Development only: no test depends on it.
+Development only; warm_cache.py (and with it tests/test_warm_cache.py) imports its stub_libcuda.
 """
 
 import argparse
@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
 
 
-def _stub_libcuda():
+def stub_libcuda():
+    """An empty libcuda.so on LIBRARY_PATH: all that linking TileLang's host code needs without a GPU."""
     d = os.path.join(tempfile.gettempdir(), "cudastub")
     so = os.path.join(d, "libcuda.so")
     if not os.path.exists(so):
@@ -102,7 +103,7 @@ def main():
     ap.add_argument("--keep", default=None, help="folder to keep the generated .cu files in")
     ap.add_argument("--warm", action="store_true", help="use TileLang's cache (default: cold compiles)")
     args = ap.parse_args()
-    _stub_libcuda()
+    stub_libcuda()
     import tilelang
     if not args.warm:
         tilelang.disable_cache()

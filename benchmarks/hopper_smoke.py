@@ -33,11 +33,11 @@ def main():
 
 def precompile_tests():
     """Every kernel the GPU tests (tests/ops/test_hopper_*.py) and bench_ops.py launch, in parallel."""
-    todo = test_kernel_items()
+    todo = gpu_test_kernels()
     print(f"parallel precompile of {len(todo)} kernels: {precompile(todo, workers=15):.1f} s", flush=True)
 
 
-def test_kernel_items():
+def gpu_test_kernels():
     """[(factory name, args, kwargs)] of every kernel the GPU tests and bench_ops.py launch."""
     todo = [it for h, hv in HEADS for it in kernel_set(h, hv, 128, 128)]
     todo += kernel_set(2, 4, 128, 64) + kernel_set(2, 4, 128, 256)

@@ -61,6 +61,8 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.hopper_compile_cpu import stub_libcuda  # noqa: E402
+
 GPU_CACHE = os.path.join(ROOT, ".gpu_cache")          # ignored by git; carried
 AUTOTUNE_DIR = os.path.join(ROOT, "benchmarks", "autotune")   # tracked
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
@@ -270,8 +272,8 @@ def ours_items(configs):
     items = []
     for c in configs:
         if c == "tests":
-            from benchmarks.hopper_smoke import test_kernel_items
-            todo = test_kernel_items()
+            from benchmarks.hopper_smoke import gpu_test_kernels
+            todo = gpu_test_kernels()
         elif c == "bench":
             from benchmarks.bench_ops import CONFIGS
             todo = [it for cc in CONFIGS.split(",") for it in chunk.kernel_set(*_hv_h(cc)[::-1], 128, 128)]
@@ -443,15 +445,6 @@ def flashqla_items(configs, lengths, sms=H200_SMS, site=None):
 # ---------------------------------------------------------------------------------------------------
 # compiling (worker processes) and loading without compiling (check)
 
-def _stub_libcuda():
-    d = os.path.join(tempfile.gettempdir(), "cudastub")
-    so = os.path.join(d, "libcuda.so")
-    if not os.path.exists(so):
-        os.makedirs(d, exist_ok=True)
-        subprocess.run(["gcc", "-shared", "-x", "c", "-", "-o", so], input=b"", check=True)
-    os.environ["LIBRARY_PATH"] = d + (":" + os.environ["LIBRARY_PATH"] if os.environ.get("LIBRARY_PATH") else "")
-
-
 def _factory(item):
     if item["kind"] == "ours":
         from qla_megatron.ops.gated_delta_rule.hopper import chunk
@@ -514,7 +507,7 @@ def enumerate_items(ours, flashqla, flashqla_lengths, sms, site):
 def cmd_build(args):
     import concurrent.futures as cf
     import multiprocessing as mp
-    _stub_libcuda()
+    stub_libcuda()
     os.environ["TILELANG_CACHE_DIR"] = args.cache
     os.environ["TILELANG_DEFAULT_TARGET"] = json.dumps(TARGET)
     site = flashqla_site(args.site) if args.flashqla else None

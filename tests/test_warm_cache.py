@@ -157,7 +157,7 @@ def test_check_guard_loads_a_cached_kernel_and_reports_a_miss_without_compiling(
         import json, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         from benchmarks import warm_cache as w
-        w._stub_libcuda()
+        w.stub_libcuda()
         import tilelang, tilelang.language as T
 
         @tilelang.jit

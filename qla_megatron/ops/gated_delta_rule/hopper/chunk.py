@@ -12,8 +12,9 @@ Without intra-card CP (one segment per sequence) only prepare and forward run. T
 sum_segs, the walks) is segment_plan's, the one plan of the segment mechanism, in its one table
 layout (KernelTables): batch rows take the host plan, built once per shape and cached; packed
 sequences build theirs on the device from cu_seqlens (hopper/packed_plan.py, the Triton twin of
-segment_plan.packed_tables, with padding rows the kernels skip), so neither waits for the device. The segment length comes from shapes only
-(intra_cp.plan_segment_len for batch rows, intra_cp.packed_segment_len for packed sequences).
+segment_plan.packed_tables, with padding rows the kernels skip), so neither waits for the device.
+The segment length comes from shapes only (intra_cp.plan_segment_len for batch rows,
+intra_cp.packed_segment_len for packed sequences).
 
 The backward (backward.py) runs the dual on the same plan: the states pass, (backward summary ->
 compose ->) the adjoint walk, the gradients.

@@ -130,9 +130,9 @@ def _segments(seqs, segsc, N, T, S, NS, HAS_SEG: tl.constexpr, LOG: tl.constexpr
         c0 = tl.where(real, tl.load(seqs + 2 * N + n) + j * (S // 64), pad_chunk)
         first = real & (j == 0)
         last = real & (j == tl.load(seqs + 4 * N + n) - 1)
-        kept_off = tl.load(seqs + 7 * N + n)
-        fwd_row = tl.where(real & (j != tl.load(seqs + 4 * N + n) - 1), kept_off + j, -1)
-        bwd_row = tl.where(real & (j != 0), kept_off + j - 1, -1)
+        kept_off = tl.load(seqs + 7 * N + n)          # summary rows of the sequences before
+        fwd_row = tl.where(real & ~last, kept_off + j, -1)
+        bwd_row = tl.where(real & ~first, kept_off + j - 1, -1)
     else:
         n = tl.minimum(i, N - 1)
         s = tl.load(seqs + n, mask=m, other=0)
