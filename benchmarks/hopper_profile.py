@@ -66,8 +66,9 @@ def main():
         f"main pass, {p.NS} segments": lambda: fw(p.segs, h0=h0, n_final=1),
         "main pass, whole sequence": lambda: fw(whole.segs, n_final=1),
         "states pass": lambda: fw(p.segs, h0=h0, states=states, emit_o=False),
-        "walk (adjoint)": lambda: hb.backward_dh(q, k, do, Ai, P, F, p.bsegs, dht=dht, n_final=1, dstates=dstates),
-        "grads": lambda: hb.backward_grads(q, k, v, do, g, b, p.chunks, Ai, P, states, dstates, 0.1, True),
+        "walk (adjoint)": lambda: hb.backward_dh(q, k, do, Ai, P, F, p.bsegs, dht=dht, n_final=1, dstates=dstates,
+                                                 states=states),
+        "grads": lambda: hb.backward_grads(q, k, v, do, g, b, p.chunks, Ai, P, states, dstates, None, 0.1, True),
     }
     if "--only" in sys.argv:
         only = sys.argv[sys.argv.index("--only") + 1]

@@ -87,9 +87,11 @@ def breakdown():
                     qf, kf, dof, saved.Ai, saved.P, saved.F, p.bsum_segs, n_final=NSS, summary=True,
                     gate_chunks=cfg.warmup_chunks))
             out[f"adjoint walk ({name})"] = bench(lambda: hb.backward_dh(
-                qf, kf, dof, saved.Ai, saved.P, saved.F, p.bsegs, dht=dht, n_final=1, dstates=dstates))
+                qf, kf, dof, saved.Ai, saved.P, saved.F, p.bsegs, dht=dht, n_final=1, dstates=dstates, states=states,
+                starts=saved.starts))
             out[f"grads ({name})"] = bench(lambda: hb.backward_grads(qf, kf, vf, dof, gf, bf, p.chunks, saved.Ai,
-                                                                     saved.P, states, dstates, saved.scale, True))
+                                                                     saved.P, states, dstates, None, saved.scale,
+                                                                     True))
             out[f"whole bwd ({name})"] = bench(lambda: hb.chunk_gated_delta_rule_bwd(saved, q, k, v, g, b, do, ht,
                                                                                      True))
         print(f"breakdown {HV}/{H} 1x{T}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in out.items()), flush=True)

@@ -27,10 +27,10 @@ def test_kernel_signatures():
     assert _params(prepare_kernel.get_tir(2, 8, 128, "bfloat16", l2norm=True, HP=4)) == \
         ["q", "k", "g", "beta", "chunks", "sc", "Ai", "P", "F"]
     assert _params(backward_dh_kernel.get_tir(2, 8, 128, 128, "bfloat16", has_terminal=True)) == \
-        ["q", "k", "do", "Ai", "P", "F", "segs", "dht", "dv", "dstates", "dh0"]
+        ["q", "k", "do", "Ai", "P", "F", "segs", "dht", "dv", "dstates", "dh0", "states", "starts", "sdc"]
     assert _params(backward_grads_kernel.get_tir(2, 8, 128, 128, "bfloat16")) == \
-        ["q", "k", "v", "do", "g", "beta", "chunks", "Ai", "P", "states", "dstates", "sc", "dq", "dk", "dg",
-         "dbeta"]
+        ["q", "k", "v", "do", "g", "beta", "chunks", "Ai", "P", "states", "dstates", "sdc", "sc", "dq", "dk",
+         "dg", "dbeta"]
     with pytest.raises(AssertionError):
         prepare_kernel.get_tir(3, 9, 128, "bfloat16", HP=2)      # HV / H = 3 is odd: no shared pair
     with pytest.raises(AssertionError):
@@ -288,13 +288,37 @@ def test_backward_dh_launcher(monkeypatch, summary):
     do = torch.zeros(Tt, HV, V, dtype=torch.bfloat16)
     segs = torch.zeros(NS, 5, dtype=torch.int32)
     dst = torch.zeros(4, HV, K, V, dtype=torch.bfloat16)
-    dv, dh0 = hback.backward_dh(q, k, do, None, None, None, segs, n_final=NS, summary=summary,
-                                dstates=None if summary else dst, gate_chunks=4 if summary else 0)
+    dv, dh0, sdc = hback.backward_dh(q, k, do, None, None, None, segs, n_final=NS, summary=summary,
+                                     dstates=None if summary else dst, gate_chunks=4 if summary else 0)
     kwargs, tensors = rec.calls[0]
     assert kwargs["summary"] == summary and kwargs["has_terminal"] is False
     assert tuple(tensors[8].shape) == ((1, HV, V) if summary else (Tt, HV, V))
     assert tuple(dh0.shape) == (NS, HV, K, K + V if summary else V) and (dv is None) == summary
     assert summary or tensors[9] is dst
+    assert sdc is None and kwargs["has_initial"] is False          # no terminal adjoint: no correction
+
+
+def test_backward_dh_launcher_end_chunk_term(monkeypatch):
+    """With a terminal adjoint the main walk reads every chunk's start state and the segments' fp32
+    starts, and returns the zeroed correction rows [NC, HV, V] it fills (backward_dh.py)."""
+    rec = _Recorder()
+    monkeypatch.setattr(hback, "backward_dh_kernel", rec)
+    Tt, H, HV, K, V, NS, NC = 200, 2, 4, 128, 128, 3, 4
+    q = k = torch.zeros(Tt, H, K, dtype=torch.bfloat16)
+    do = torch.zeros(Tt, HV, V, dtype=torch.bfloat16)
+    segs = torch.zeros(NS, 5, dtype=torch.int32)
+    dst = torch.zeros(NC, HV, K, V, dtype=torch.bfloat16)
+    states = torch.ones(NC, HV, K, V, dtype=torch.bfloat16)
+    dht = torch.ones(NS, HV, K, V)
+    for starts in (None, torch.ones(NS, HV, K, V)):
+        rec.calls.clear()
+        dv, dh0, sdc = hback.backward_dh(q, k, do, None, None, None, segs, dht=dht, n_final=NS, dstates=dst,
+                                         states=states, starts=starts)
+        kwargs, tensors = rec.calls[0]
+        assert kwargs["has_terminal"] is True and kwargs["has_initial"] == (starts is not None)
+        assert tensors[11] is states and tensors[13] is sdc and tuple(sdc.shape) == (NC, HV, V)
+        assert (tensors[12] is starts) if starts is not None else tuple(tensors[12].shape) == (1, HV, K, V)
+        assert sdc.dtype == torch.float32 and not sdc.any()
 
 
 def test_kernel_set():
@@ -305,7 +329,7 @@ def test_kernel_set():
     assert all(name in hchunk._FACTORIES for name, _, _ in items)
     assert items[5][2]["gate_chunks"] == IntraCPConfig().warmup_chunks == 4
     assert hchunk.kernel_set(2, 8, 128, 128, gate_chunks=0)[5][2]["gate_chunks"] == 0
-    assert len(hchunk.kernel_set(2, 8, 128, 128, backward=False)) == 8 and len(items) == 14
+    assert len(hchunk.kernel_set(2, 8, 128, 128, backward=False)) == 8 and len(items) == 15
     assert len(hchunk.kernel_set(2, 8, 128, 64)) == 8                 # no backward for V = 64 (BACKWARD_V)
     assert hchunk.kernel_set(32, 32, 128, 128)[0][2] == dict(l2norm=True, HP=2, share_qk=False, min_blocks=2)
     bsum = [kw for name, _, kw in items if name == "backward_dh" and kw.get("summary")]

@@ -6,7 +6,8 @@
     compose   each segment's end adjoint, right to left: dS_end[j - 1] = M_j^T dS_end[j] + dS_ext_j,
               from dht (segments.compose on the plan's backward walk, backend "tilelang")
     walk      per (value block, v-head, segment): the adjoint dS chunk by chunk in reverse from the
-              segment's end adjoint: dv, every chunk's end adjoint (bf16), d(initial state)
+              segment's end adjoint: dv, every chunk's end adjoint (bf16), d(initial state), and the
+              fp32 correction of <S, dS> at each segment's last chunk
     grads     per (chunk, qk-head): dq, dk, dg, dbeta from the chunk's S and dS (backward_grads.py)
 
 What is saved and what recomputed (ForwardSaved, chunk.py): the chunk factors Ai, P, F are saved
@@ -29,20 +30,33 @@ from .chunk import _DTYPES, ForwardSaved, bv_main, empty, flat_inputs, forward
 
 
 def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False, gate_chunks=0,
-                dstates=None):
+                dstates=None, states=None, starts=None):
     """Launch backward_dh_kernel over `segs`. Main mode: returns (dv [Tt, HV, V], dh0 [n_final, HV, K, V]
-    or None) and fills dstates [NC, HV, K, V]; summary mode: returns (None, [n_final, HV, K, K + V])."""
+    or None, sdc [NC, HV, V] fp32 or None) and fills dstates [NC, HV, K, V]; with dht, states (every
+    chunk's start state) is read, and starts (the segments' fp32 start states) where given, for the
+    end chunks' <S, dS> corrections sdc (backward_dh.py; zero elsewhere). Summary mode: returns
+    (None, [n_final, HV, K, K + V], None)."""
     Tt, H, K = k.shape
     HV, V = do.shape[1], do.shape[2]
     W = K + V if summary else V
+    end_term = not summary and dht is not None
     kern = backward_dh_kernel(H, HV, K, V, _DTYPES[k.dtype], summary=summary, has_terminal=dht is not None,
-                              gate_chunks=gate_chunks, BV=bv_main(V))
+                              has_initial=end_term and starts is not None, gate_chunks=gate_chunks,
+                              BV=bv_main(V))
     dummy = torch.empty(1, HV, K, W, dtype=torch.float32, device=q.device)
     dh0 = empty(n_final, HV, K, W, dtype=torch.float32, device=q.device) if n_final else dummy
     dv = q.new_empty(1, HV, V) if summary else empty(Tt, HV, V, dtype=q.dtype, device=q.device)
     ds = dstates if dstates is not None else q.new_empty(1, HV, K, V)
-    kern(q, k, do, Ai, P, F, segs, dht if dht is not None else dummy, dv, ds, dh0)
-    return (None if summary else dv), (dh0 if n_final else None)
+    if end_term:
+        assert states is not None, "backward_dh: a terminal adjoint needs states (every chunk's start state)"
+        # Zeros, not poison: the walk writes the end chunks' rows only, and every row is read.
+        sdc = torch.zeros(states.shape[0], HV, V, dtype=torch.float32, device=q.device)
+    else:   # not read; shaped as the kernel's symbolic NCs (dstates' rows) requires
+        states = ds
+        sdc = torch.empty(ds.shape[0], HV, V, dtype=torch.float32, device=q.device)
+    st0 = starts if end_term and starts is not None else dummy.new_empty(1, HV, K, V)   # contiguous
+    kern(q, k, do, Ai, P, F, segs, dht if dht is not None else dummy, dv, ds, dh0, states, st0, sdc)
+    return (None if summary else dv), (dh0 if n_final else None), (sdc if end_term else None)
 
 
 def backward_summarize(q, k, do, Ai, P, F, plan, *, gate_chunks: int = 0) -> torch.Tensor:
@@ -53,8 +67,9 @@ def backward_summarize(q, k, do, Ai, P, F, plan, *, gate_chunks: int = 0) -> tor
     return backward_dh(q, k, do, Ai, P, F, plan.bsum_segs, n_final=NSS, summary=True, gate_chunks=gate_chunks)[1]
 
 
-def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, scale, l2norm):
-    """Launch backward_grads_kernel. Returns dq, dk [Tt, H, K] dtype and dg, dbeta [Tt, HV] fp32."""
+def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, sdc, scale, l2norm):
+    """Launch backward_grads_kernel (sdc: the walk's <S, dS> corrections, None: none). Returns dq, dk
+    [Tt, H, K] dtype and dg, dbeta [Tt, HV] fp32."""
     Tt, H, K = k.shape
     HV, V = v.shape[1], v.shape[2]
     kern = backward_grads_kernel(H, HV, K, V, _DTYPES[k.dtype], l2norm=l2norm)
@@ -62,7 +77,9 @@ def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, scale, 
     dk = empty(Tt, H, K, dtype=q.dtype, device=q.device)
     dg = empty(Tt, HV, dtype=torch.float32, device=q.device)
     db = empty(Tt, HV, dtype=torch.float32, device=q.device)
-    kern(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, float(scale), dq, dk, dg, db)
+    if sdc is None:
+        sdc = torch.zeros(states.shape[0], HV, V, dtype=torch.float32, device=q.device)
+    kern(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, sdc, float(scale), dq, dk, dg, db)
     return dq, dk, dg, db
 
 
@@ -84,9 +101,9 @@ def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: O
         bsumm = backward_summarize(qf, kf, dof, saved.Ai, saved.P, saved.F, plan, gate_chunks=cfg.gate_chunks)
         dht = segments.compose(plan.bwalk, bsumm, dht, plan.NS, backend="tilelang")
     dstates = empty(plan.NC, HV, K, V, dtype=q.dtype, device=q.device)
-    dv, dh0 = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht, n_final=saved.n_seqs,
-                          dstates=dstates)
+    dv, dh0, sdc = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, plan.bsegs, dht=dht,
+                               n_final=saved.n_seqs, dstates=dstates, states=states, starts=saved.starts)
     dq, dk, dg, db = backward_grads(qf, kf, vf, dof, gf, bf, plan.chunks, saved.Ai, saved.P, states, dstates,
-                                    saved.scale, bool(use_qk_l2norm_in_kernel))
+                                    sdc, saved.scale, bool(use_qk_l2norm_in_kernel))
     return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, HV, V), dg.view(B, T, HV),
             db.view(B, T, HV), dh0)

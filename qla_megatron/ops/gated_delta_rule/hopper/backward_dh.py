@@ -13,6 +13,15 @@ Per chunk, from the adjoint dS of the chunk's end state (K x V; dSt = dS^T [BV, 
 loads, the next sequence's tokens, contribute nothing.) It writes dv, the adjoint at every chunk's
 end (bf16, for backward_grads.py) and, for a sequence's first segment, d(initial state).
 
+The end chunk's <S, dS> in fp32 (main mode with a terminal adjoint): backward_grads.py takes
+gC <S, dS> of every chunk from the bf16 copies of S and dS, whose rounding leaves an absolute error
+of ~sqrt(K V) |s| |ds| 2^-9 in it however small <S, dS> is: at a one-token sequence with a random
+initial state that was 3 % of its dg (an H200, 2/8 heads). Where the walk holds the exact values,
+at the segment's last chunk (dS = the fp32 terminal adjoint; S = the fp32 segment start where the
+segment is one chunk, with has_initial), it writes the row sums of S . dS - bf16(S) . bf16(dS) to
+sdc[chunk, v-head] (V entries; the launcher zeroes the other chunks' rows), which backward_grads.py
+adds to its own sum.
+
 One program per (block of BV adjoint columns, v-head, segment), BV = 128 on two consumer warpgroups
 (64 columns each, independent chains) plus TileLang's TMA producer, as in the forward.
 
@@ -36,7 +45,7 @@ CHUNK = 64
 def backward_dh_kernel(
     # task config
     H: int, HV: int, K: int, V: int, dtype: str,
-    summary: bool = False, has_terminal: bool = False, gate_chunks: int = 0,
+    summary: bool = False, has_terminal: bool = False, has_initial: bool = False, gate_chunks: int = 0,
     # kernel config
     BV: int = 128, num_stages: int = 2,
 ):
@@ -47,16 +56,23 @@ def backward_dh_kernel(
     row of dh0 or -1); dht [NI, HV, K, W] fp32: the adjoint at the segment's end;
     dv [Tt, HV, V] dtype (main mode; [1, HV, V] in summary mode: not written);
     dstates [NC, HV, K, V] dtype: the adjoint at every chunk's end (main mode);
-    dh0 [NF, HV, K, W] fp32: the adjoint at the segment's start (summary mode: [M^T | dS_ext]).
+    dh0 [NF, HV, K, W] fp32: the adjoint at the segment's start (summary mode: [M^T | dS_ext]);
+    main mode with has_terminal: states [NC, HV, K, V] dtype, every chunk's start state (read at
+    segments' last chunks), starts [NI, HV, K, V] fp32, the segments' start states (rows of segs[:, 3],
+    read with has_initial), sdc [NC, HV, V] fp32: the end chunks' <S, dS> corrections (module
+    docstring). Summary mode: those three are not read (one-row placeholders).
     """
     assert summary or not gate_chunks, "gate_chunks applies to the summary pass only"
+    assert not has_initial or (has_terminal and not summary), "has_initial: the main walk's end-chunk term"
     C = CHUNK
     GQ = HV // H
     W = K + V if summary else V
     assert BV in (64, 128) and V % BV == 0 and K % 64 == 0 and (K % BV == 0 or not summary), (K, V, BV)
-    Tt, NC, NS, NI, NF, Tv, NCs = T.dynamic("Tt, NC, NS, NI, NF, Tv, NCs")
+    Tt, NC, NS, NI, NF, Tv, NCs, NI0 = T.dynamic("Tt, NC, NS, NI, NF, Tv, NCs, NI0")
     acc = "float32"
     main = not summary
+    end_term = main and has_terminal
+    assert not end_term or BV == V, "the end-chunk term: one program holds the whole adjoint"
 
     @T.prim_func
     def kernel(
@@ -71,6 +87,9 @@ def backward_dh_kernel(
         dv: T.Tensor((Tv, HV, V), dtype),          # Tv = Tt; 1 in summary mode
         dstates: T.Tensor((NCs, HV, K, V), dtype),  # NCs = NC; 1 in summary mode
         dh0: T.Tensor((NF, HV, K, W), acc),
+        states: T.Tensor((NCs, HV, K, V), dtype),   # NCs = NC; 1 in summary mode
+        starts: T.Tensor((NI0, HV, K, V), acc),
+        sdc: T.Tensor((NCs, HV, V), acc),
     ):
         with T.Kernel(W // BV, HV, NS, threads=2 * BV) as (bv, hv, s):
             hk = hv // GQ
@@ -109,6 +128,26 @@ def backward_dh_kernel(
             Db = T.alloc_fragment((BV, C), dtype)
             Eq = T.alloc_fragment((BV, C), dtype)
             Ek = T.alloc_fragment((BV, C), dtype)
+            xr = T.alloc_fragment((BV,), acc) if end_term else None
+
+            if end_term:
+                # The last chunk's S . dS - bf16(S) . bf16(dS), row sums (module docstring), in Xt (free
+                # until the walk's first product), before St is live (no spills; 185 -> 231 registers at
+                # its peak here with has_initial, the walk's own unchanged). dS = dht exactly; its bf16
+                # rounding is the one the walk stores.
+                if seg_chunks > 0:
+                    cl = c_beg + seg_chunks - 1
+                    one = seg_chunks == 1
+                    T.clear(Xt)
+                    for h in T.unroll(K // C):
+                        for j, t in T.Parallel(BV, C):
+                            ds = dht[row, hv, h * C + t, j]
+                            sb = T.cast(states[cl, hv, h * C + t, j], acc)
+                            sx = T.if_then_else(one, starts[row, hv, h * C + t, j], sb) if has_initial else sb
+                            Xt[j, t] = Xt[j, t] + sx * ds - sb * T.cast(T.cast(ds, dtype), acc)
+                    T.reduce_sum(Xt, xr, dim=1)
+                    for j in T.Parallel(BV):
+                        sdc[cl, hv, j] = xr[j]
 
             if has_terminal:
                 for j, d in T.Parallel(BV, K):

@@ -47,7 +47,8 @@ def backward_grads_kernel(
 
     q, k [Tt, H, K], v, do [Tt, HV, V] dtype; g, beta [Tt, HV] fp32; chunks [NC, 2] int32 = (first
     token, valid tokens); Ai, P [NC, HV, C, C] dtype (prepare.py); states, dstates [NC, HV, K, V]
-    dtype: every chunk's start state and the adjoint of its end state; sc the scale of q.
+    dtype: every chunk's start state and the adjoint of its end state; sdc [NC, HV, V] fp32: the adjoint
+    walk's correction of <S, dS> (backward_dh.py; zero where it has none); sc the scale of q.
     Writes dq, dk [Tt, H, K] dtype and dg, dbeta [Tt, HV] fp32, every valid token once.
     """
     C = CHUNK
@@ -96,6 +97,7 @@ def backward_grads_kernel(
         P: T.Tensor((NC, HV, C, C), dtype),
         states: T.Tensor((NC, HV, K, V), dtype),
         dstates: T.Tensor((NC, HV, K, V), dtype),
+        sdc: T.Tensor((NC, HV, V), acc),
         sc: T.float32,
         dq: T.Tensor((Tt, H, K), dtype),
         dk: T.Tensor((Tt, H, K), dtype),
@@ -267,7 +269,7 @@ def backward_grads_kernel(
                         + T.cast(S_s[i + C, d], acc) * T.cast(dS_s[i + C, d], acc)
                 T.reduce_sum(W1, r_sd, dim=1)
                 for i in T.Parallel(C):
-                    sd_s[i] = r_sd[i]
+                    sd_s[i] = r_sd[i] + sdc[ic, hv, i] + sdc[ic, hv, i + C]   # + the walk's fp32 correction
 
                 # dq, dk contributions of this v-head.
                 T.gemm(dO_s, S_s, F1, transpose_B=True, clear_accum=True)   # dO S^T  [C, K]
