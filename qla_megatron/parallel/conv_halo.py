@@ -24,7 +24,7 @@ def _local_pieces(T: int, layout: str, cp: int, rank: int, cu_seqlens):
     if layout != "zigzag":
         raise ValueError("the CP conv supports cu_seqlens with layout='zigzag' (Megatron's THD layout) only, "
                          f"got layout={layout!r}")
-    from .cp import zigzag_piece_lengths
+    from .cp_plan import zigzag_piece_lengths
 
     out = []
     for j, length in enumerate(zigzag_piece_lengths(cu_seqlens, cp)):

@@ -1,12 +1,24 @@
 """Cross-GPU context parallelism for the gated delta rule, by passing segment states between ranks.
 
-Each rank holds one segment of every sequence ("contiguous") or two ("zigzag", Megatron's layout).
-It summarises its segments, S_end = M S_start + S_ext (ops.segment_summary), all-gathers the
-summaries (fp32, H K (K + V) per segment: independent of the sequence length), composes the start
-state of each of its segments in global order, and runs its segments from those starts. This is the
-same mechanism as intra-card context parallelism (ops.segmented_chunk_gated_delta_rule, hopper/),
-with ranks in place of segments, and the same composition (ops.gated_delta_rule.segments.compose). Differentiable: the gradient of a start state flows back through the gathered
-summaries to the ranks that made them.
+Each rank holds pieces of the sequences (cp_plan.py: one a row "contiguous", two "zigzag", Megatron's
+layout; packed sequences cut at the shard or sequence boundaries). The same mechanism as intra-card
+context parallelism (ops.segmented_chunk_gated_delta_rule, hopper/), with ranks in place of segments,
+and the same composition (ops.gated_delta_rule.segments.compose):
+
+    forward   every rank summarises its pieces that continue onto a later piece, S_end = M S_start +
+              S_ext (ops.segment_summary; fp32, HV K (K + V) a piece: independent of the sequence
+              length), one all-gather, the composition of every start state in sequence order, then
+              its own pieces from their starts (one call of the op, any backend)
+    backward  the dual, nothing differentiated through the composition: every rank sends
+              [M^T | dS_ext] of its pieces that continue an earlier piece (dS_ext: the adjoint of the
+              piece's start from its own outputs, a backward from a zero end adjoint), one
+              all-gather, the composition right to left of every piece's end adjoint, then its own
+              backward from the starts with those end adjoints (the op's own backward: the Hopper
+              kernels, with their intra-card CP, under backend "tilelang")
+
+Both recompute the local forward once more in the backward (autograd of the op, from the saved
+inputs), and the backward's dS_ext costs one more backward of the continuing pieces; the summaries
+and the composition run on the torch backend for now (docs/segments.md).
 """
 
 from __future__ import annotations
@@ -17,11 +29,13 @@ import torch.distributed as dist
 from qla_megatron.ops import chunk_gated_delta_rule, segment_summary
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
 from qla_megatron.ops.gated_delta_rule.options import resolve_options
-from qla_megatron.ops.gated_delta_rule.segment_plan import chain_walk
 from qla_megatron.ops.gated_delta_rule.segments import compose
 
 from .collectives import all_gather_stacked
-from .layouts import check_layout, global_segments, zigzag_owner
+from .cp_plan import CPPlan, cp_plan, zigzag_piece_lengths
+from .layouts import check_layout
+
+__all__ = ["cp_chunk_gated_delta_rule", "zigzag_piece_lengths"]
 
 
 def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
@@ -41,7 +55,7 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
             is cut into 2 cp equal segments and rank r holds segments r and 2 cp - 1 - r of each,
             sequence after sequence.
         scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
-            runs; the summaries run on the torch backend for now).
+            runs, forward and backward; the summaries run on the torch backend for now).
         options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults). Its
             debug switch check_finite also checks that cu_seqlens is the same on every rank (a
             collective and a host read: off by default).
@@ -49,6 +63,8 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
 
     Returns:
         o [B, T_local, HV, V], this rank's output, equal to the matching slice of the single-GPU result.
+        Differentiable in q, k, v, g, beta; its backward is collective (every rank of cp_group must
+        run it, as every rank ran the forward).
     """
     check_layout(layout)
     if initial_state is not None:
@@ -69,25 +85,9 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
     B, T = k.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, cp * T)
-    elif layout == "zigzag" and T % 2:
-        raise ValueError(f"layout='zigzag' needs an even local length (two equal halves), got T_local={T}")
-    kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, options=options)
-    if cu_seqlens is not None and layout == "zigzag":
-        return _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
-    if cu_seqlens is not None:
-        return _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, cp_group, backend, kw)
-
-    # One sequence per batch row, crossing every rank: the local segments in global order.
-    local = global_segments(layout, cp, rank)
-    pieces = [slice(i * T // len(local), (i + 1) * T // len(local)) for i in range(len(local))]
-    summaries = torch.stack([_summary(k[:, p], v[:, p], g[:, p], beta[:, p], kw) for p in pieces])
-    gathered = all_gather_stacked(summaries, cp_group)           # [cp, n_local, B, HV, K, K + V]
-    order = {gi: (r, i) for r in range(cp) for i, gi in enumerate(global_segments(layout, cp, r))}
-    ordered = torch.stack([gathered[order[gi]] for gi in range(len(order))])
-    starts = _compose(ordered, k.shape[-1])                     # [n_global, B, HV, K, V]
-    outs = [chunk_gated_delta_rule(q[:, p], k[:, p], v[:, p], g[:, p], beta[:, p], initial_state=starts[gi],
-                                   backend=backend, **kw)[0] for p, gi in zip(pieces, local)]
-    return torch.cat(outs, dim=1)
+    plan = cp_plan(layout, cp, T, B, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None)
+    run = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=backend, options=options)
+    return _StatePassing.apply(q, k, v, g, beta, plan, rank, cp_group, run)
 
 
 def _check_same_on_ranks(cu_seqlens, group):
@@ -106,76 +106,100 @@ def _check_same_on_ranks(cu_seqlens, group):
         raise ValueError(f"cu_seqlens must be the same on every rank; got {[vals.tolist() for vals in values]}")
 
 
-def _connected_zero(x):
-    """Zeros that stay in the autograd graph of x. Every rank must run the all-gather's backward (an
-    all-reduce), also a rank whose output does not depend on any gathered summary."""
-    return x * 0
+def _pieces(x, bounds, idx):
+    """The tokens of local pieces idx (of the local stream x [1, T, ...] cut at bounds), packed, and
+    their offsets."""
+    parts = [x[:, bounds[p]:bounds[p + 1]] for p in idx]
+    cu = [0]
+    for t in parts:
+        cu.append(cu[-1] + t.shape[1])
+    return torch.cat(parts, dim=1), torch.tensor(cu, dtype=torch.int64, device=x.device)
 
 
-def _summary(k, v, g, beta, kw, cu_seqlens=None):
-    """[N, HV, K, K + V]: transition M and state_from_zero S_ext side by side (N = B without
-    cu_seqlens), the form the ranks exchange."""
-    ext, M = segment_summary(k, v, g, beta, cu_seqlens, use_qk_l2norm_in_kernel=kw["use_qk_l2norm_in_kernel"])
-    return torch.cat([M, ext], dim=-1)
+def _rows(rows, src, n, like):
+    """[n, ...] zeros with row p = src[rows[p]] where rows[p] >= 0 (index tensors built on the host)."""
+    out = like.new_zeros((n,) + tuple(src.shape[1:]))
+    take = [p for p in range(n) if rows[p] >= 0]
+    if take:
+        dev = like.device
+        out[torch.tensor(take, device=dev)] = src[torch.tensor([rows[p] for p in take], device=dev)]
+    return out
 
 
-def _compose(ordered, K: int):
-    """Start states of consecutive segments from their [M | S_ext] summaries in global order
-    [NS, ..., K, K + V] (the leading dims batch sequences: one product per step for all), the first
-    from zeros that stay in the graph: segments.compose on a one-chain walk, as intra-card CP
-    composes (the torch implementation; differentiable)."""
-    NS = ordered.shape[0]
-    return compose(chain_walk(NS - 1), ordered, _connected_zero(ordered[:1, ..., K:]), NS)
+def _gather(x, n_slots, group):
+    """Every rank's x [len(slots), ...] padded to n_slots rows, all-gathered rank-major: [cp n_slots, ...]."""
+    pad = x.new_zeros((n_slots - x.shape[0],) + tuple(x.shape[1:]))
+    return all_gather_stacked(torch.cat([x, pad]), group).flatten(0, 1)
 
 
-def _contiguous_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
-    """Packed sequences (B = 1) in the contiguous layout. A rank passes on the state of its last
-    piece; its transition passes the incoming state through only if that piece spans the whole shard
-    and continues a sequence from before (otherwise M = 0: the sequence started on this rank)."""
-    T = k.shape[1]
-    start, end = rank * T, (rank + 1) * T
-    bounds = cu_seqlens.tolist()
-    local = sorted({start, end} | {b for b in bounds if start < b < end})
-    local_cu = torch.tensor([b - start for b in local], dtype=torch.int64, device=k.device)
-    continues = start not in bounds
-    last = local[-2] - start
-    summary = _summary(k[:, last:], v[:, last:], g[:, last:], beta[:, last:], kw)  # [1, HV, K, K + V]
-    K = k.shape[-1]
-    if not (continues and last == 0):
-        summary = torch.cat([torch.zeros_like(summary[..., :K]), summary[..., K:]], dim=-1)
-    gathered = all_gather_stacked(summary, group)[:, 0]             # [cp, HV, K, K + V]
-    starts = _compose(gathered, K)
-    n_local = len(local) - 1
-    first = starts[rank] if continues else _connected_zero(starts[rank])
-    h0 = torch.cat([first[None], starts.new_zeros((n_local - 1,) + tuple(starts.shape[1:]))])
-    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
-    return o
+class _StatePassing(torch.autograd.Function):
+    """cp_chunk_gated_delta_rule's forward and its dual backward (the module docstring) on one
+    CPPlan. Inputs [B, T, ...] are run as one packed stream of the plan's pieces."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, plan: CPPlan, rank, group, run):
+        B, T, H, K = k.shape
+        HV, V = v.shape[2], v.shape[3]
+        flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
+        bounds = plan.bounds[rank]
+        P = len(bounds) - 1
+        cu = torch.tensor(bounds, dtype=torch.int64, device=k.device)
+        l2 = run["use_qk_l2norm_in_kernel"]
+        # Summaries of the pieces sent forward (M, S_ext) and backward (M, for M^T), in one scan.
+        send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
+        if send:
+            ks, vs, gs, bs = (_pieces(x, bounds, send)[0] for x in flat[1:])
+            ext, M = segment_summary(ks, vs, gs, bs, _pieces(flat[1], bounds, send)[1], use_qk_l2norm_in_kernel=l2)
+        else:
+            ext = M = None
+        sdt = ext.dtype if ext is not None else (torch.float64 if k.dtype == torch.float64 else torch.float32)
+        at = {p: i for i, p in enumerate(send)}
+        fs = torch.cat([M, ext], dim=-1)[[at[p] for p in plan.fsend[rank]]] if plan.fsend[rank] else \
+            torch.zeros(0, HV, K, K + V, dtype=sdt, device=k.device)
+        Z = compose(plan.fwalk, _gather(fs, plan.Q, group), None, plan.NF) if plan.NF else None
+        h0 = _rows(plan.start_row[rank], Z, P, torch.zeros(1, HV, K, V, dtype=sdt, device=k.device)) \
+            if Z is not None else torch.zeros(P, HV, K, V, dtype=sdt, device=k.device)
+        o, _ = _local(flat, h0, cu, run)
+        Mb = M[[at[p] for p in plan.bsend[rank]]] if plan.bsend[rank] else None
+        ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
+        ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
+        return o.view(B, T, HV, V)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, beta, h0, Mb = ctx.saved_tensors
+        plan, rank, run = ctx.plan, ctx.rank, ctx.run
+        B, T, H, K = k.shape
+        HV, V = v.shape[2], v.shape[3]
+        bounds = plan.bounds[rank]
+        P = len(bounds) - 1
+        cu = torch.tensor(bounds, dtype=torch.int64, device=k.device)
+        flat = [x.detach().reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
+        dof = do.reshape(1, B * T, HV, V)
+        # [M^T | dS_ext] of the pieces that continue an earlier one: dS_ext is the start adjoint of the
+        # piece's own outputs (linear in its start: the gradient at a zero start).
+        bs = plan.bsend[rank]
+        if bs:
+            sub = [_pieces(x, bounds, bs)[0] for x in flat]
+            sub_cu = _pieces(flat[1], bounds, bs)[1]
+            z = torch.zeros(len(bs), HV, K, V, dtype=h0.dtype, device=k.device, requires_grad=True)
+            with torch.enable_grad():
+                o_sub, _ = _local(sub, z, sub_cu, run)
+                dext, = torch.autograd.grad(o_sub, z, _pieces(dof, bounds, bs)[0])
+            bsumm = torch.cat([Mb.transpose(-1, -2), dext.to(Mb.dtype)], dim=-1)
+        else:
+            bsumm = h0.new_zeros(0, HV, K, K + V)
+        D = compose(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), None, plan.NB) if plan.NB else None
+        dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
+        leaves = [x.requires_grad_(True) for x in (t.clone() for t in flat)]
+        with torch.enable_grad():
+            o, fin = _local(leaves, h0, cu, run, final=True)
+            grads = torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
+        return tuple(gr.reshape(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None,) * 4
 
 
-def zigzag_piece_lengths(cu_seqlens, cp: int) -> list[int]:
-    """Lengths of a rank's local pieces in the zigzag THD layout: two per sequence, L_n / (2 cp) each."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    bad = [L for L in lens if L % (2 * cp)]
-    if bad:
-        raise ValueError(f"layout='zigzag' with cu_seqlens needs every sequence length to be a multiple of "
-                         f"2 * cp = {2 * cp} (Megatron pads them so), got lengths {bad}")
-    return [L // (2 * cp) for L in lens for _ in range(2)]
-
-
-def _zigzag_varlen(q, k, v, g, beta, cu_seqlens, cp, rank, group, backend, kw):
-    """Packed sequences (B = 1) in the zigzag layout: local pieces (n, r) and (n, 2 cp - 1 - r) of
-    every sequence n. Summaries of all local pieces in one varlen call; composition per sequence over
-    its 2 cp segments, all sequences at once."""
-    pieces = zigzag_piece_lengths(cu_seqlens, cp)
-    local_cu = torch.tensor([0] + pieces, dtype=torch.int64, device=k.device).cumsum(0)
-    if int(local_cu[-1]) != k.shape[1]:
-        raise ValueError(f"this rank holds T_local={k.shape[1]} tokens, but cu_seqlens implies "
-                         f"{int(local_cu[-1])} in the zigzag layout")
-    gathered = all_gather_stacked(_summary(k, v, g, beta, kw, local_cu), group)   # [cp, 2N, HV, K, K + V]
-    # global segment gi of every sequence n is piece 2 n + slot on its owner
-    ordered = torch.stack([gathered[owner, slot::2]
-                           for owner, slot in (zigzag_owner(gi, cp) for gi in range(2 * cp))])
-    starts = _compose(ordered, k.shape[-1])                                   # [2 cp, N, HV, K, V]
-    h0 = torch.stack([starts[rank], starts[2 * cp - 1 - rank]], dim=1).flatten(0, 1)   # [2N, HV, K, V]
-    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=local_cu, backend=backend, **kw)
-    return o
+def _local(flat, h0, cu, run, final=False):
+    """The op on a rank's packed pieces from their start states h0 [P, HV, K, V]."""
+    return chunk_gated_delta_rule(*flat, scale=run["scale"], initial_state=h0, output_final_state=final,
+                                  cu_seqlens=cu, use_qk_l2norm_in_kernel=run["use_qk_l2norm_in_kernel"],
+                                  backend=run["backend"], options=run["options"])

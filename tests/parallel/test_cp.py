@@ -1,5 +1,7 @@
 """Cross-GPU context parallelism on real gloo ranks against the single-process op (float64): the
-local outputs and every local input gradient equal the matching slices of the unsplit result."""
+local outputs and every local input gradient equal the matching slices of the unsplit result. The
+gradients come from cp.py's dual backward (end adjoints composed right to left across the ranks),
+which test_backward_is_the_dual checks is what runs."""
 
 import pytest
 import torch
@@ -39,6 +41,9 @@ CASES = [
     pytest.param(4, "zigzag", 40, None, id="cp4-zigzag-T40"),
     # [5, 120) spans ranks 0, 1 (whole shard) and 2, ending at rank 3's first token
     pytest.param(4, "contiguous", 40, [0, 5, 120, 130, 160], id="cp4-varlen-crossing"),
+    # sequences starting on rank boundaries, one spanning two whole shards, a short one on rank 2
+    pytest.param(4, "contiguous", 40, [0, 40, 100, 103, 160], id="cp4-varlen-boundaries"),
+    pytest.param(3, "contiguous", 50, None, id="cp3-contiguous-T50"),
     # Megatron's THD layout: every sequence (a multiple of 2 cp) split into 2 cp pieces on its own
     pytest.param(2, "zigzag", 80, [0, 8, 136, 160], id="cp2-zigzag-varlen"),
     pytest.param(4, "zigzag", 70, [0, 200, 208, 280], id="cp4-zigzag-varlen"),
@@ -48,6 +53,20 @@ CASES = [
 @pytest.mark.parametrize("world,layout,T_local,cu", CASES)
 def test_cp_equals_single_process(world, layout, T_local, cu, fresh_seed):
     run_on_ranks(world, _check_rank, layout, T_local, cu, fresh_seed)
+
+
+def _dual_rank(rank, world):
+    q, k, v, g, beta, _ = make_inputs(1, 64, 1, 2, 8, 8, torch.float64, initial_state=False, requires_grad=True)
+    o = cp_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    assert type(o.grad_fn).__name__ == "_StatePassingBackward"
+    # the graph ends at the inputs: no summary, gather or composition to differentiate through
+    assert {type(f).__name__ for f, _ in o.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+    o.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, g, beta))
+
+
+def test_backward_is_the_dual():
+    run_on_ranks(2, _dual_rank)
 
 
 def _errors_rank(rank, world):
