@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from qla_megatron.ops import chunk_gated_delta_rule, segment_summary
-from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
+from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs, compute_dtype
 from qla_megatron.ops.gated_delta_rule.options import resolve_options
 from qla_megatron.ops.gated_delta_rule.segments import compose
 
@@ -132,70 +132,101 @@ def _gather(x, n_slots, group):
     return all_gather_stacked(torch.cat([x, pad]), group).flatten(0, 1)
 
 
+def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
+    """Rank `rank`'s summaries: (fs [len(fsend), HV, K, K + V], the [M | S_ext] it sends forward;
+    Mb [len(bsend), HV, K, K] or None, the M of the pieces it sends backward, for M^T), from its
+    packed local stream flat = [q, k, v, g, beta] ([1, T, ...] each), in one scan."""
+    k, v = flat[1], flat[2]
+    HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
+    bounds = plan.bounds[rank]
+    send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
+    if not send:
+        return k.new_zeros(0, HV, K, K + V, dtype=compute_dtype(k.dtype)), None
+    ks, vs, gs, bs = (_pieces(x, bounds, send)[0] for x in flat[1:])
+    ext, M = segment_summary(ks, vs, gs, bs, _pieces(k, bounds, send)[1],
+                             use_qk_l2norm_in_kernel=run["use_qk_l2norm_in_kernel"])
+    at = {p: i for i, p in enumerate(send)}
+    fs = torch.cat([M, ext], dim=-1)[[at[p] for p in plan.fsend[rank]]]
+    Mb = M[[at[p] for p in plan.bsend[rank]]] if plan.bsend[rank] else None
+    return fs, Mb
+
+
+def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict):
+    """The rank's pieces from their start states (rows of Z = compose(plan.fwalk, ...), or None when
+    no sequence crosses a rank): (o [1, T, HV, V], h0 [P, HV, K, V])."""
+    k, v = flat[1], flat[2]
+    HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
+    bounds = plan.bounds[rank]
+    P = len(bounds) - 1
+    like = k.new_zeros(1, HV, K, V, dtype=compute_dtype(k.dtype))
+    h0 = _rows(plan.start_row[rank], Z, P, like) if Z is not None else like.new_zeros(P, HV, K, V)
+    o, _ = _local(flat, h0, _offsets(bounds, k.device), run)
+    return o, h0
+
+
+def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
+    """[M^T | dS_ext] [len(bsend), HV, K, K + V] of the rank's pieces that continue an earlier one:
+    dS_ext the start adjoint of the piece's own outputs (linear in its start: the op's gradient at a
+    zero start)."""
+    HV, K, V = h0.shape[1:]
+    bounds, bs = plan.bounds[rank], plan.bsend[rank]
+    if not bs:
+        return h0.new_zeros(0, HV, K, K + V)
+    sub = [_pieces(x, bounds, bs)[0] for x in flat]
+    z = h0.new_zeros(len(bs), HV, K, V).requires_grad_(True)
+    with torch.enable_grad():
+        o_sub, _ = _local(sub, z, _pieces(flat[1], bounds, bs)[1], run)
+        dext, = torch.autograd.grad(o_sub, z, _pieces(dof, bounds, bs)[0].to(o_sub.dtype))
+    return torch.cat([Mb.transpose(-1, -2), dext.to(Mb.dtype)], dim=-1)
+
+
+def backward_run(flat, dof, plan: CPPlan, rank: int, h0, D, run: dict):
+    """The op's backward of the rank's pieces from their starts h0 and end adjoints (rows of
+    D = compose(plan.bwalk, ...), or None): the gradients of q, k, v, g, beta in flat's shapes."""
+    bounds = plan.bounds[rank]
+    P = len(bounds) - 1
+    dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
+    leaves = [t.detach().clone().requires_grad_(True) for t in flat]
+    with torch.enable_grad():
+        o, fin = _local(leaves, h0, _offsets(bounds, h0.device), run, final=True)
+        return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
+
+
+def compose_walk(walk, gathered, rows: int):
+    """segments.compose along one of the plan's walks from zero (None where the walk is empty)."""
+    return compose(walk, gathered, None, rows) if rows else None
+
+
 class _StatePassing(torch.autograd.Function):
     """cp_chunk_gated_delta_rule's forward and its dual backward (the module docstring) on one
-    CPPlan. Inputs [B, T, ...] are run as one packed stream of the plan's pieces."""
+    CPPlan, a rank's inputs [B, T, ...] run as one packed stream of its pieces."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, plan: CPPlan, rank, group, run):
-        B, T, H, K = k.shape
-        HV, V = v.shape[2], v.shape[3]
+        B, T = k.shape[:2]
         flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
-        bounds = plan.bounds[rank]
-        P = len(bounds) - 1
-        cu = torch.tensor(bounds, dtype=torch.int64, device=k.device)
-        l2 = run["use_qk_l2norm_in_kernel"]
-        # Summaries of the pieces sent forward (M, S_ext) and backward (M, for M^T), in one scan.
-        send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
-        if send:
-            ks, vs, gs, bs = (_pieces(x, bounds, send)[0] for x in flat[1:])
-            ext, M = segment_summary(ks, vs, gs, bs, _pieces(flat[1], bounds, send)[1], use_qk_l2norm_in_kernel=l2)
-        else:
-            ext = M = None
-        sdt = ext.dtype if ext is not None else (torch.float64 if k.dtype == torch.float64 else torch.float32)
-        at = {p: i for i, p in enumerate(send)}
-        fs = torch.cat([M, ext], dim=-1)[[at[p] for p in plan.fsend[rank]]] if plan.fsend[rank] else \
-            torch.zeros(0, HV, K, K + V, dtype=sdt, device=k.device)
-        Z = compose(plan.fwalk, _gather(fs, plan.Q, group), None, plan.NF) if plan.NF else None
-        h0 = _rows(plan.start_row[rank], Z, P, torch.zeros(1, HV, K, V, dtype=sdt, device=k.device)) \
-            if Z is not None else torch.zeros(P, HV, K, V, dtype=sdt, device=k.device)
-        o, _ = _local(flat, h0, cu, run)
-        Mb = M[[at[p] for p in plan.bsend[rank]]] if plan.bsend[rank] else None
+        fs, Mb = forward_summaries(flat, plan, rank, run)
+        Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF)
+        o, h0 = forward_run(flat, plan, rank, Z, run)
         ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
         ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
-        return o.view(B, T, HV, V)
+        return o.view(B, T, v.shape[2], v.shape[3])
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, beta, h0, Mb = ctx.saved_tensors
         plan, rank, run = ctx.plan, ctx.rank, ctx.run
-        B, T, H, K = k.shape
-        HV, V = v.shape[2], v.shape[3]
-        bounds = plan.bounds[rank]
-        P = len(bounds) - 1
-        cu = torch.tensor(bounds, dtype=torch.int64, device=k.device)
+        B, T = k.shape[:2]
         flat = [x.detach().reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
-        dof = do.reshape(1, B * T, HV, V)
-        # [M^T | dS_ext] of the pieces that continue an earlier one: dS_ext is the start adjoint of the
-        # piece's own outputs (linear in its start: the gradient at a zero start).
-        bs = plan.bsend[rank]
-        if bs:
-            sub = [_pieces(x, bounds, bs)[0] for x in flat]
-            sub_cu = _pieces(flat[1], bounds, bs)[1]
-            z = torch.zeros(len(bs), HV, K, V, dtype=h0.dtype, device=k.device, requires_grad=True)
-            with torch.enable_grad():
-                o_sub, _ = _local(sub, z, sub_cu, run)
-                dext, = torch.autograd.grad(o_sub, z, _pieces(dof, bounds, bs)[0])
-            bsumm = torch.cat([Mb.transpose(-1, -2), dext.to(Mb.dtype)], dim=-1)
-        else:
-            bsumm = h0.new_zeros(0, HV, K, K + V)
-        D = compose(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), None, plan.NB) if plan.NB else None
-        dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
-        leaves = [x.requires_grad_(True) for x in (t.clone() for t in flat)]
-        with torch.enable_grad():
-            o, fin = _local(leaves, h0, cu, run, final=True)
-            grads = torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
+        dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
+        bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run)
+        D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB)
+        grads = backward_run(flat, dof, plan, rank, h0, D, run)
         return tuple(gr.reshape(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None,) * 4
+
+
+def _offsets(bounds, device):
+    return torch.tensor(bounds, dtype=torch.int64, device=device)
 
 
 def _local(flat, h0, cu, run, final=False):

@@ -30,13 +30,16 @@ from .layouts import check_layout
 
 @dataclass(frozen=True)
 class CPPlan:
-    """Per rank r (tuples indexed by rank): bounds[r] the offsets of its pieces in its local stream;
+    """Per rank r (tuples indexed by rank): pieces[r] its pieces in local order as (row, start, end) in
+    the global stream (row: the batch row, 0 for packed sequences); bounds[r] their offsets in its
+    local stream;
     fsend[r] / bsend[r] its pieces (local indices) whose summary goes into forward / backward slot
     0, 1, ... (pieces with a successor / a predecessor); start_row[r][p] the row of fwalk's output
     that is piece p's start state, end_row[r][p] the row of bwalk's output that is its end adjoint
     (-1: the piece starts / ends its sequence: zero). Q, QB: slots a rank sends (the most any rank
     needs); NF, NB: rows the walks write."""
     cp: int
+    pieces: tuple
     bounds: tuple
     fsend: tuple
     bsend: tuple
@@ -149,5 +152,6 @@ def cp_plan(layout: str, cp: int, T: int, B: int = 1, cu: Optional[tuple] = None
                             for p in range(len(ps))) for r, ps in enumerate(pieces))
     end_row = tuple(tuple(brow[(r, p)] if (r, p) in brow and (r, p) not in lasts else -1
                           for p in range(len(ps))) for r, ps in enumerate(pieces))
-    return CPPlan(cp, tuple(bounds), tuple(map(tuple, fsend)), tuple(map(tuple, bsend)), start_row, end_row,
+    rows = tuple(tuple((n if cu is None else 0, s, e) for n, s, e in ps) for ps in pieces)
+    return CPPlan(cp, rows, tuple(bounds), tuple(map(tuple, fsend)), tuple(map(tuple, bsend)), start_row, end_row,
                   Q, QB, fwalk, bwalk, NF, NB)

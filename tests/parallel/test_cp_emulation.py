@@ -1,0 +1,71 @@
+"""Cross-GPU CP emulated in one process (parallel/cp_emulation.py: cp.py's phases, the all-gathers
+replaced by stacking): on the CPU in float64 equal to the single-process op, outputs and every
+gradient (1e-10), for the shapes of test_cp.py's gloo runs; on one GPU with the Hopper kernels
+(backend "tilelang", bf16) against the float64 recurrence with the tolerances of DESIGN §6."""
+
+import pytest
+import torch
+
+from qla_megatron.ops import chunk_gated_delta_rule
+from qla_megatron.parallel import emulated_cp_chunk_gated_delta_rule
+
+from ..ops.gdr_inputs import make_inputs, offsets, rel, rounded_inputs
+from .test_cp import CASES
+
+
+@pytest.mark.parametrize("world,layout,T_local,cu", CASES)
+def test_emulated_equals_single_process(world, layout, T_local, cu):
+    B = 1 if cu is not None else 2
+    T = world * T_local
+    cu_t = torch.tensor(cu, dtype=torch.int64) if cu is not None else None
+    full = make_inputs(B, T, 2, 4, 16, 16, torch.float64, initial_state=False, requires_grad=True)[:5]
+    do = torch.randn(B, T, 4, 16, dtype=torch.float64)
+    o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
+    want = torch.autograd.grad((o_ref * do).sum(), full)
+    o = emulated_cp_chunk_gated_delta_rule(*full, cp=world, layout=layout, cu_seqlens=cu_t,
+                                           use_qk_l2norm_in_kernel=True)
+    assert rel(o, o_ref) <= 1e-10
+    got = torch.autograd.grad((o * do).sum(), full)
+    for name, a, b in zip(("q", "k", "v", "g", "beta"), got, want):
+        assert rel(a, b) <= 1e-10, name
+
+
+def test_emulated_bad_inputs():
+    q, k, v, g, beta, _ = make_inputs(1, 66, 1, 2, 8, 8, torch.float32, initial_state=False)
+    with pytest.raises(ValueError, match="cp must be an int >= 1"):
+        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=0)
+    with pytest.raises(ValueError, match="T=66 must be a multiple of cp=4"):
+        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=2, layout="ring")
+    with pytest.raises(ValueError, match="multiple of 2 \\* cp = 4"):
+        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=2, layout="zigzag", cu_seqlens=torch.tensor([0, 30, 66]))
+
+
+GPU_CASES = [
+    pytest.param(2, "contiguous", None, id="cp2-contiguous"),
+    pytest.param(4, "zigzag", None, id="cp4-zigzag"),
+    pytest.param(4, "contiguous", [0, 5, 1500, 1700, 2048], id="cp4-varlen-crossing"),
+    pytest.param(2, "zigzag", [0, 512, 1536, 2048], id="cp2-zigzag-varlen"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world,layout,cu", GPU_CASES)
+def test_emulated_on_hopper_kernels(world, layout, cu):
+    """bf16, 2/8 heads, K = V = 128, 2048 tokens (mixed decay: a zero-decay and a strong-decay head):
+    o and every gradient of the emulated ranks on the Hopper kernels against the float64 recurrence."""
+    from ..ops.test_hopper_backward import Case, _grads
+    from qla_megatron.ops.gated_delta_rule.hopper.chunk import poison_outputs
+    cu_t = offsets(cu) if cu is not None else None
+    low, _ = rounded_inputs(1, 2048, 2, 8, N=len(cu) - 1 if cu else None, h0=False)
+    case = Case(low, None, cu_t, final=False)
+
+    def emulated(q, k, v, g, beta, s0):
+        return emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=world, layout=layout, cu_seqlens=cu_t,
+                                                  use_qk_l2norm_in_kernel=True, backend="tilelang"), None
+
+    with poison_outputs():
+        o, got = _grads(emulated, low, None, case.do, None)
+    assert torch.isfinite(o).all() and rel(o, case.o) <= 5e-3, rel(o, case.o)
+    case.compare(f"emulated cp={world} {layout} varlen={cu is not None}", got)
