@@ -45,7 +45,8 @@ def main():
     ap.add_argument("--out", default=None, help="write OUT.md")
     a = ap.parse_args()
     rows = []
-    header = "| v/qk heads | cp | tokens | layout | op fwd / fwd+bwd | emulated fwd / fwd+bwd | emulated / op fwd, fwd+bwd |"
+    header = ("| v/qk heads | cp | tokens | layout | op fwd / fwd+bwd | emulated fwd / fwd+bwd "
+              "| emulated / op fwd, fwd+bwd |")
     print(header, flush=True)
     for cfg in a.configs.split(","):
         HV, H = map(int, cfg.split("/"))

@@ -16,9 +16,11 @@ and the same composition (ops.gated_delta_rule.segments.compose):
               backward from the starts with those end adjoints (the op's own backward: the Hopper
               kernels, with their intra-card CP, under backend "tilelang")
 
-Both recompute the local forward once more in the backward (autograd of the op, from the saved
-inputs), and the backward's dS_ext costs one more backward of the continuing pieces; the summaries
-and the composition run on the torch backend for now (docs/segments.md).
+Under backend "tilelang" (the Hopper kernels) the summaries are the intra-card summary passes over
+whole pieces (ops hopper/pieces.py: [M | S_ext] forward, [M^T | dS_ext] backward, exact) and the
+compositions the compose kernel; otherwise their torch references, where dS_ext costs one more
+backward of the continuing pieces. The backward recomputes the local forward once (autograd of the
+op, from the saved inputs).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from qla_megatron.ops import chunk_gated_delta_rule, segment_summary
+from qla_megatron.ops.gated_delta_rule import backends
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs, compute_dtype
 from qla_megatron.ops.gated_delta_rule.options import resolve_options
 from qla_megatron.ops.gated_delta_rule.segments import compose
@@ -55,7 +58,8 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
             is cut into 2 cp equal segments and rank r holds segments r and 2 cp - 1 - r of each,
             sequence after sequence.
         scale, use_qk_l2norm_in_kernel, backend: as in chunk_gated_delta_rule (backend of the local
-            runs, forward and backward; the summaries run on the torch backend for now).
+            runs, forward and backward, and of the summaries and compositions: the Hopper passes
+            under "tilelang", else the torch references).
         options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults). Its
             debug switch check_finite also checks that cu_seqlens is the same on every rank (a
             collective and a host read: off by default).
@@ -139,6 +143,13 @@ def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
     k, v = flat[1], flat[2]
     HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
     bounds = plan.bounds[rank]
+    if on_kernels(flat, run):          # [M | S_ext] by the Hopper summary pass; the backward has its own
+        fs = plan.fsend[rank]
+        if not fs:
+            return k.new_zeros(0, HV, K, K + V, dtype=torch.float32), None
+        from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_summaries
+        return piece_summaries(*(_pieces(x, bounds, fs)[0] for x in flat), _sub_bounds(bounds, fs),
+                               run["scale"], run["use_qk_l2norm_in_kernel"]), None
     send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
     if not send:
         return k.new_zeros(0, HV, K, K + V, dtype=compute_dtype(k.dtype)), None
@@ -172,6 +183,11 @@ def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
     bounds, bs = plan.bounds[rank], plan.bsend[rank]
     if not bs:
         return h0.new_zeros(0, HV, K, K + V)
+    if on_kernels(flat, run):          # the Hopper backward summary pass: [M^T | dS_ext] in one walk
+        from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_backward_summaries
+        q, k, _, g, beta = (_pieces(x, bounds, bs)[0] for x in flat)
+        return piece_backward_summaries(q, k, _pieces(dof, bounds, bs)[0], g, beta, _sub_bounds(bounds, bs),
+                                        run["scale"], run["use_qk_l2norm_in_kernel"])
     sub = [_pieces(x, bounds, bs)[0] for x in flat]
     z = h0.new_zeros(len(bs), HV, K, V).requires_grad_(True)
     with torch.enable_grad():
@@ -192,9 +208,27 @@ def backward_run(flat, dof, plan: CPPlan, rank: int, h0, D, run: dict):
         return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
 
 
-def compose_walk(walk, gathered, rows: int):
-    """segments.compose along one of the plan's walks from zero (None where the walk is empty)."""
-    return compose(walk, gathered, None, rows) if rows else None
+def compose_walk(walk, gathered, rows: int, kernels: bool = False):
+    """segments.compose along one of the plan's walks from zero (None where the walk is empty); on
+    the Hopper compose kernel where the summaries came from the Hopper passes."""
+    return compose(walk, gathered, None, rows, backend="tilelang" if kernels else "torch") if rows else None
+
+
+def on_kernels(flat, run: dict) -> bool:
+    """Whether the call's backend is the Hopper one (backends.select for this rank's inputs, as the op
+    selects): then the summaries and the compositions run on its kernels too."""
+    q, k, v = flat[:3]
+    info = backends.CallInfo(k.device, q.dtype, k.shape[2], v.shape[2], k.shape[3], v.shape[3], varlen=True,
+                             requires_grad=True)
+    return backends.select(run["backend"], info).name == "tilelang"
+
+
+def _sub_bounds(bounds, idx) -> tuple:
+    """Offsets of pieces idx packed one after another (host ints)."""
+    out = [0]
+    for p in idx:
+        out.append(out[-1] + bounds[p + 1] - bounds[p])
+    return tuple(out)
 
 
 class _StatePassing(torch.autograd.Function):
@@ -206,7 +240,7 @@ class _StatePassing(torch.autograd.Function):
         B, T = k.shape[:2]
         flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         fs, Mb = forward_summaries(flat, plan, rank, run)
-        Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF)
+        Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF, on_kernels(flat, run))
         o, h0 = forward_run(flat, plan, rank, Z, run)
         ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
         ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
@@ -220,7 +254,7 @@ class _StatePassing(torch.autograd.Function):
         flat = [x.detach().reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
         bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run)
-        D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB)
+        D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB, on_kernels(flat, run))
         grads = backward_run(flat, dof, plan, rank, h0, D, run)
         return tuple(gr.reshape(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None,) * 4
 

@@ -16,7 +16,7 @@ import torch
 from qla_megatron.ops.gated_delta_rule.inputs import check_cu_seqlens, check_inputs
 from qla_megatron.ops.gated_delta_rule.options import resolve_options
 
-from .cp import backward_run, backward_summaries, compose_walk, forward_run, forward_summaries
+from .cp import backward_run, backward_summaries, compose_walk, forward_run, forward_summaries, on_kernels
 from .cp_plan import CPPlan, cp_plan
 
 
@@ -62,7 +62,8 @@ class _Emulated(torch.autograd.Function):
         full = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         local = [[x[:, i] for x in full] for i in idx]
         sums = [forward_summaries(fl, plan, r, run) for r, fl in enumerate(local)]
-        Z = compose_walk(plan.fwalk, _stack([fs for fs, _ in sums], plan.Q), plan.NF)
+        kernels = on_kernels(local[0], run)
+        Z = compose_walk(plan.fwalk, _stack([fs for fs, _ in sums], plan.Q), plan.NF, kernels)
         o = q.new_empty((1, B * T) + tuple(v.shape[2:]))
         h0s = []
         for r, fl in enumerate(local):
@@ -84,7 +85,7 @@ class _Emulated(torch.autograd.Function):
         dlocal = [dof[:, i] for i in idx]
         bsumm = [backward_summaries(fl, d, plan, r, ctx.h0s[r], ctx.Mbs[r], run)
                  for r, (fl, d) in enumerate(zip(local, dlocal))]
-        D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB)
+        D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB, on_kernels(local[0], run))
         grads = [torch.empty_like(x) for x in full]
         for r, (fl, d) in enumerate(zip(local, dlocal)):
             for gr, part in zip(grads, backward_run(fl, d, plan, r, ctx.h0s[r], D, run)):

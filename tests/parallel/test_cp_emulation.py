@@ -39,7 +39,8 @@ def test_emulated_bad_inputs():
     with pytest.raises(ValueError, match="layout must be one of"):
         emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=2, layout="ring")
     with pytest.raises(ValueError, match="multiple of 2 \\* cp = 4"):
-        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=2, layout="zigzag", cu_seqlens=torch.tensor([0, 30, 66]))
+        emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp=2, layout="zigzag",
+                                           cu_seqlens=torch.tensor([0, 30, 66]))
 
 
 GPU_CASES = [
@@ -69,3 +70,56 @@ def test_emulated_on_hopper_kernels(world, layout, cu):
         o, got = _grads(emulated, low, None, case.do, None)
     assert torch.isfinite(o).all() and rel(o, case.o) <= 5e-3, rel(o, case.o)
     case.compare(f"emulated cp={world} {layout} varlen={cu is not None}", got)
+
+
+def test_kernel_path_plumbing(monkeypatch):
+    """The path taken under backend "tilelang" (Hopper piece summaries, backward summaries and
+    compositions), with each kernel replaced by its torch reference, on the CPU: the same results as
+    the single-process op, so the pieces sent, their offsets and the [M | S_ext] / [M^T | dS_ext]
+    layouts the kernels must return are right. The kernels themselves: test_emulated_on_hopper_kernels."""
+    import qla_megatron.parallel.cp as cp_mod
+    import qla_megatron.parallel.cp_emulation as emu_mod
+    from qla_megatron.ops import segment_summary
+    from qla_megatron.ops.gated_delta_rule.hopper import pieces
+
+    calls = []
+
+    def summaries(q, k, v, g, beta, bounds, scale, l2norm):
+        calls.append("fwd")
+        ext, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
+        return torch.cat([M, ext], dim=-1)
+
+    def backward_summaries(q, k, do, g, beta, bounds, scale, l2norm):
+        calls.append("bwd")
+        v = torch.zeros(do.shape, dtype=q.dtype)
+        _, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
+        z = torch.zeros(len(bounds) - 1, M.shape[1], k.shape[-1], do.shape[-1], dtype=M.dtype, requires_grad=True)
+        with torch.enable_grad():
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=z,
+                                          cu_seqlens=torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
+            dext, = torch.autograd.grad(o, z, do)
+        return torch.cat([M.transpose(-1, -2), dext], dim=-1)
+
+    compose = cp_mod.compose
+    monkeypatch.setattr(cp_mod, "on_kernels", lambda flat, run: True)
+    monkeypatch.setattr(emu_mod, "on_kernels", lambda flat, run: True)
+    monkeypatch.setattr(cp_mod, "compose", lambda *a, backend: compose(*a))
+    monkeypatch.setattr(pieces, "piece_summaries", summaries)
+    monkeypatch.setattr(pieces, "piece_backward_summaries", backward_summaries)
+    for world, layout, T_local, cu in [(4, "contiguous", 40, [0, 5, 120, 130, 160]), (4, "zigzag", 40, None),
+                                       (2, "zigzag", 80, [0, 8, 136, 160])]:
+        B = 1 if cu is not None else 2
+        cu_t = torch.tensor(cu, dtype=torch.int64) if cu is not None else None
+        full = make_inputs(B, world * T_local, 2, 4, 16, 16, torch.float64, initial_state=False,
+                           requires_grad=True)[:5]
+        do = torch.randn(B, world * T_local, 4, 16, dtype=torch.float64)
+        o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
+        want = torch.autograd.grad((o_ref * do).sum(), full)
+        calls.clear()
+        o = emulated_cp_chunk_gated_delta_rule(*full, cp=world, layout=layout, cu_seqlens=cu_t,
+                                               use_qk_l2norm_in_kernel=True)
+        got = torch.autograd.grad((o * do).sum(), full)
+        assert "fwd" in calls and "bwd" in calls
+        assert rel(o, o_ref) <= 1e-10
+        for name, a, b in zip(("q", "k", "v", "g", "beta"), got, want):
+            assert rel(a, b) <= 1e-10, (layout, cu, name)
