@@ -149,7 +149,7 @@ def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
             return k.new_zeros(0, HV, K, K + V, dtype=torch.float32), None
         from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_summaries
         return piece_summaries(*(_pieces(x, bounds, fs)[0] for x in flat), _sub_bounds(bounds, fs),
-                               run["scale"], run["use_qk_l2norm_in_kernel"]), None
+                               run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp), None
     send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
     if not send:
         return k.new_zeros(0, HV, K, K + V, dtype=compute_dtype(k.dtype)), None
@@ -187,7 +187,7 @@ def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
         from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_backward_summaries
         q, k, _, g, beta = (_pieces(x, bounds, bs)[0] for x in flat)
         return piece_backward_summaries(q, k, _pieces(dof, bounds, bs)[0], g, beta, _sub_bounds(bounds, bs),
-                                        run["scale"], run["use_qk_l2norm_in_kernel"])
+                                        run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp)
     sub = [_pieces(x, bounds, bs)[0] for x in flat]
     z = h0.new_zeros(len(bs), HV, K, V).requires_grad_(True)
     with torch.enable_grad():

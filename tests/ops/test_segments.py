@@ -147,3 +147,29 @@ def test_segment_errors():
         segmented_chunk_gated_delta_rule(q, k, v, g, beta, segment_len=64, mode="fast")
     with pytest.raises(ValueError, match="warmup_chunks"):
         segmented_chunk_gated_delta_rule(q, k, v, g, beta, segment_len=64, mode="gate", warmup_chunks=0)
+
+
+@pytest.mark.parametrize("seg_len", [64, 128])
+def test_fold_summaries_equals_the_whole_pieces(seg_len):
+    """fold_summaries of segment summaries = the summary of each whole piece: [M | S_ext] forward,
+    [M^T | dS_ext] backward (dS_ext: the start adjoint of the piece's own outputs, by autograd from a
+    zero start), float64, pieces of one to several segments."""
+    from qla_megatron.ops.gated_delta_rule.segments import fold_summaries
+    bounds = (0, 1, 70, 330, 400)
+    q, k, v, g, beta, _ = make_inputs(1, 400, 2, 4, 8, 6, torch.float64, initial_state=False)
+    do = torch.randn_like(v)
+    plan = plan_segments(bounds, seg_len)
+    assert plan.NS > plan.N
+
+    def summaries(b):
+        ext, M = segment_summary(k, v, g, beta, torch.tensor(b), use_qk_l2norm_in_kernel=True)
+        z = torch.zeros(len(b) - 1, 4, 8, 6, dtype=torch.float64, requires_grad=True)
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=z, cu_seqlens=torch.tensor(b),
+                                      use_qk_l2norm_in_kernel=True)
+        dext, = torch.autograd.grad(o, z, do)
+        return torch.cat([M, ext], -1), torch.cat([M.transpose(-1, -2), dext], -1)
+
+    fwd_seg, bwd_seg = summaries(plan.bounds)
+    fwd_whole, bwd_whole = summaries(bounds)
+    assert rel(fold_summaries(fwd_seg, plan), fwd_whole) <= 1e-12
+    assert rel(fold_summaries(bwd_seg, plan, reverse=True), bwd_whole) <= 1e-12

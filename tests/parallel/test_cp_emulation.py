@@ -84,12 +84,12 @@ def test_kernel_path_plumbing(monkeypatch):
 
     calls = []
 
-    def summaries(q, k, v, g, beta, bounds, scale, l2norm):
+    def summaries(q, k, v, g, beta, bounds, scale, l2norm, cfg):
         calls.append("fwd")
         ext, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
         return torch.cat([M, ext], dim=-1)
 
-    def backward_summaries(q, k, do, g, beta, bounds, scale, l2norm):
+    def backward_summaries(q, k, do, g, beta, bounds, scale, l2norm, cfg):
         calls.append("bwd")
         v = torch.zeros(do.shape, dtype=q.dtype)
         _, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)

@@ -1,13 +1,17 @@
 """Summaries of whole pieces on the Hopper kernels, for cross-GPU context parallelism
-(parallel/cp.py): every piece of a packed stream is one segment, summarised by the intra-card CP
-summary passes (exact, no warm-up).
+(parallel/cp.py): every piece of a packed stream is cut into segments as intra-card CP cuts a
+sequence (intra_cp.plan_segment_len for the pieces' lengths and the call's IntraCPConfig), every
+segment summarised in parallel by the intra-card summary passes (exact, no warm-up), and each
+piece's segments folded into its summary (segments.fold_summaries).
 
     forward   [M | S_ext] of each piece: prepare, then forward.py in summary mode (chunk.summarize's
-              pass) over one summary row per piece
+              pass) over one summary row per segment
     backward  [M^T | dS_ext] of each piece for its dO: prepare, then backward_dh.py in summary mode
-              (backward.backward_summarize's pass), the adjoint walked from [I | 0] at the piece's end
+              (backward.backward_summarize's pass), the adjoint walked from [I | 0] at each segment's
+              end, folded last segment first
 
 Both are fp32 [NP, HV, K, K + V] in the pieces' order, the rows parallel/cp_plan.py's walks compose.
+Uncut, a piece's summary walks its chunks one after another (a 128k-token piece: 2048 chunks).
 """
 
 from __future__ import annotations
@@ -16,40 +20,47 @@ import functools
 
 import torch
 
-from ..segment_plan import _i32, plan_segments
+from ..intra_cp import IntraCPConfig, plan_segment_len
+from ..segment_plan import SegmentPlan, _i32, plan_segments
+from ..segments import fold_summaries
 from .backward import backward_dh
-from .chunk import forward, prepare
+from .chunk import _num_sms, bv_main, forward, prepare
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(bounds: tuple, device: torch.device):
-    """(chunks [NC, 2], summary rows [NP, 5] = (start, end, first chunk, 0, piece)) of pieces `bounds`."""
-    plan = plan_segments(bounds)
-    segs = [(bounds[i], bounds[i + 1], plan.chunk0[i], 0, i) for i in range(len(bounds) - 1)]
+def _tables(plan: SegmentPlan, device: torch.device):
+    """(chunks [NC, 2], summary rows [NS, 5] = (start, end, first chunk, 0, segment)) of a plan."""
+    segs = [(plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, i) for i in range(plan.NS)]
     return _i32(list(plan.chunks), device), _i32(segs, device)
 
 
-def _factors(q, k, g, beta, bounds, scale, l2norm):
-    """The token-major views, the summary rows and the chunk factors (prepare) of the pieces."""
+def _segmented(q, k, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig, V: int):
+    """The token-major views, the segment plan of the pieces, its summary rows and the chunk factors."""
     H, K, HV = k.shape[-2], k.shape[-1], g.shape[-1]
     qf, kf = (x.reshape(-1, H, K).contiguous() for x in (q, k))
     gf, bf = (x.reshape(-1, HV).float().contiguous() for x in (g, beta))
-    chunks, segs = _tables(tuple(int(b) for b in bounds), k.device)
-    scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
-    return qf, kf, segs, prepare(qf, kf, gf, bf, chunks, HV, scale, l2norm)
+    bounds = tuple(int(b) for b in bounds)
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    seg_len = plan_segment_len(lens, HV, K, V, _num_sms(k.device.index or 0), BV=bv_main(V), config=cfg)
+    plan = plan_segments(bounds, seg_len if seg_len is not None and seg_len < max(lens) else None)
+    chunks, segs = _tables(plan, k.device)
+    scale = K ** -0.5 if scale is None else float(scale)
+    return qf, kf, plan, segs, prepare(qf, kf, gf, bf, chunks, HV, scale, l2norm)
 
 
-def piece_summaries(q, k, v, g, beta, bounds, scale, l2norm) -> torch.Tensor:
+def piece_summaries(q, k, v, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig) -> torch.Tensor:
     """[M | S_ext] [NP, HV, K, K + V] fp32 of the pieces [bounds[i], bounds[i + 1]) of the packed
     stream q, k [1, T, H, K], v [1, T, HV, V], g, beta [1, T, HV] (bounds: host ints)."""
-    qf, kf, segs, (Ai, P, F) = _factors(q, k, g, beta, bounds, scale, l2norm)
+    qf, kf, plan, segs, (Ai, P, F) = _segmented(q, k, g, beta, bounds, scale, l2norm, cfg, v.shape[-1])
     vf = v.reshape(-1, v.shape[-2], v.shape[-1]).contiguous()
-    return forward(qf, kf, vf, Ai, P, F, segs, n_final=len(bounds) - 1, summary=True)[1]
+    summ = forward(qf, kf, vf, Ai, P, F, segs, n_final=plan.NS, summary=True)[1]
+    return summ if plan.NS == plan.N else fold_summaries(summ, plan)
 
 
-def piece_backward_summaries(q, k, do, g, beta, bounds, scale, l2norm) -> torch.Tensor:
+def piece_backward_summaries(q, k, do, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig) -> torch.Tensor:
     """[M^T | dS_ext] [NP, HV, K, K + V] fp32 of the same pieces for the output gradient do
     [1, T, HV, V]: dS_ext the adjoint of each piece's start from its own outputs (zero end adjoint)."""
-    qf, kf, segs, (Ai, P, F) = _factors(q, k, g, beta, bounds, scale, l2norm)
+    qf, kf, plan, segs, (Ai, P, F) = _segmented(q, k, g, beta, bounds, scale, l2norm, cfg, do.shape[-1])
     dof = do.reshape(-1, do.shape[-2], do.shape[-1]).to(q.dtype).contiguous()
-    return backward_dh(qf, kf, dof, Ai, P, F, segs, n_final=len(bounds) - 1, summary=True)[1]
+    summ = backward_dh(qf, kf, dof, Ai, P, F, segs, n_final=plan.NS, summary=True)[1]
+    return summ if plan.NS == plan.N else fold_summaries(summ, plan, reverse=True)
