@@ -13,15 +13,21 @@ from ..ops.gdr_inputs import make_inputs, rel
 from ..spawn import run_on_ranks
 
 
-def _check_rank(rank, world, layout, T_local, cu, seed):
-    torch.manual_seed(seed)  # the same global inputs on every rank
+def whole_sequence(world, T_local, cu):
+    """Float64 inputs of the whole sequence (2 rows, or packed by cu), a cotangent do, and the
+    single-process op's output and gradients for it: (cu_t, inputs, do, o, grads)."""
     B = 1 if cu is not None else 2
     T = world * T_local
     cu_t = torch.tensor(cu, dtype=torch.int64) if cu is not None else None
     full = make_inputs(B, T, 2, 4, 16, 16, torch.float64, initial_state=False, requires_grad=True)[:5]
     do = torch.randn(B, T, 4, 16, dtype=torch.float64)
     o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
-    grads_ref = torch.autograd.grad((o_ref * do).sum(), full)
+    return cu_t, full, do, o_ref, torch.autograd.grad((o_ref * do).sum(), full)
+
+
+def _check_rank(rank, world, layout, T_local, cu, seed):
+    torch.manual_seed(seed)  # the same global inputs on every rank
+    cu_t, full, do, o_ref, grads_ref = whole_sequence(world, T_local, cu)
 
     def mine(t):
         return shard(t, layout, world, rank, cu_seqlens=cu_t)

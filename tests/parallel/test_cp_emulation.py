@@ -10,18 +10,12 @@ from qla_megatron.ops import chunk_gated_delta_rule
 from qla_megatron.parallel import emulated_cp_chunk_gated_delta_rule
 
 from ..ops.gdr_inputs import make_inputs, offsets, rel, rounded_inputs
-from .test_cp import CASES
+from .test_cp import CASES, whole_sequence
 
 
 @pytest.mark.parametrize("world,layout,T_local,cu", CASES)
 def test_emulated_equals_single_process(world, layout, T_local, cu):
-    B = 1 if cu is not None else 2
-    T = world * T_local
-    cu_t = torch.tensor(cu, dtype=torch.int64) if cu is not None else None
-    full = make_inputs(B, T, 2, 4, 16, 16, torch.float64, initial_state=False, requires_grad=True)[:5]
-    do = torch.randn(B, T, 4, 16, dtype=torch.float64)
-    o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
-    want = torch.autograd.grad((o_ref * do).sum(), full)
+    cu_t, full, do, o_ref, want = whole_sequence(world, T_local, cu)
     o = emulated_cp_chunk_gated_delta_rule(*full, cp=world, layout=layout, cu_seqlens=cu_t,
                                            use_qk_l2norm_in_kernel=True)
     assert rel(o, o_ref) <= 1e-10
@@ -108,13 +102,7 @@ def test_kernel_path_plumbing(monkeypatch):
     monkeypatch.setattr(pieces, "piece_backward_summaries", backward_summaries)
     for world, layout, T_local, cu in [(4, "contiguous", 40, [0, 5, 120, 130, 160]), (4, "zigzag", 40, None),
                                        (2, "zigzag", 80, [0, 8, 136, 160])]:
-        B = 1 if cu is not None else 2
-        cu_t = torch.tensor(cu, dtype=torch.int64) if cu is not None else None
-        full = make_inputs(B, world * T_local, 2, 4, 16, 16, torch.float64, initial_state=False,
-                           requires_grad=True)[:5]
-        do = torch.randn(B, world * T_local, 4, 16, dtype=torch.float64)
-        o_ref, _ = chunk_gated_delta_rule(*full, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True)
-        want = torch.autograd.grad((o_ref * do).sum(), full)
+        cu_t, full, do, o_ref, want = whole_sequence(world, T_local, cu)
         calls.clear()
         o = emulated_cp_chunk_gated_delta_rule(*full, cp=world, layout=layout, cu_seqlens=cu_t,
                                                use_qk_l2norm_in_kernel=True)
