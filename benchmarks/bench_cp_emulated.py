@@ -3,8 +3,8 @@
 kernels) against the single-device op on the same tokens, forward and forward+backward.
 
 The emulated ranks run one after another, so their sum is compared with the op: the ratio is the
-work CP adds (every rank's summaries of its continuing pieces, the two compositions, the backward's
-start adjoints of the continuing pieces and its recompute of the forward), not a speed-up. Same
+work CP adds (every rank's summaries of its continuing pieces forward and backward, and the two
+compositions), not a speed-up. Same
 inputs as bench_ops.py (bf16, strong decay, l2norm in the op, no initial / final state), median of
 triton.testing.do_bench.
 

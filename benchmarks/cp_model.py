@@ -7,7 +7,8 @@ rank modelled is a middle rank of the contiguous layout with one sequence (its p
 ways: it sends a forward and a backward summary and receives both, the most any rank does):
 
     fwd      forward_summaries + all-gather(cp) + compose(fwalk, cp) + forward_run
-    fwd+bwd  fwd + backward_summaries + all-gather(cp) + compose(bwalk, cp) + backward_run
+    fwd+bwd  the same with forward_run's graph kept, + backward_summaries + all-gather(cp)
+             + compose(bwalk, cp) + backward_run from that graph
 
 all-gather(cp) = latency + (cp - 1) * bytes / rate, bytes = HV K (K + V) 4 per slot (the summaries
 are fp32 and one slot a rank here). The phases and the compositions are timed on this card (median
@@ -51,14 +52,16 @@ def phases(HV, H, T):
     assert cpm.on_kernels(inputs, run), "the model times the Hopper path (backend tilelang)"
     fs, Mb = cpm.forward_summaries(inputs, plan, 1, run)
     Z = cpm.compose_walk(plan.fwalk, fs.repeat(3, 1, 1, 1), plan.NF, True)
-    o, h0 = cpm.forward_run(inputs, plan, 1, Z, run)
+    o, h0, _ = cpm.forward_run(inputs, plan, 1, Z, run)
     bs = cpm.backward_summaries(inputs, do, plan, 1, h0, Mb, run)
     D = cpm.compose_walk(plan.bwalk, bs.repeat(3, 1, 1, 1), plan.NB, True)
     with torch.no_grad():
         out["summaries fwd"] = bench(lambda: cpm.forward_summaries(inputs, plan, 1, run))
         out["run fwd"] = bench(lambda: cpm.forward_run(inputs, plan, 1, Z, run))
         out["summaries bwd"] = bench(lambda: cpm.backward_summaries(inputs, do, plan, 1, h0, Mb, run))
-    out["run bwd"] = bench(lambda: cpm.backward_run(inputs, do, plan, 1, h0, D, run))
+    # the local forward with its graph kept, then the backward from it (as _StatePassing runs them)
+    out["run fwd+bwd"] = bench(lambda: cpm.backward_run(
+        inputs, do, plan, 1, h0, D, run, cpm.forward_run(inputs, plan, 1, Z, run, keep_graph=True)[2]))
     del inputs, do, leaves
     return out, fs.shape[1:]
 
@@ -95,7 +98,7 @@ def main():
                 cf, cb = compose_ms(cp, shape)
                 ag = (a.ag_latency_us * 1e-3) + (cp - 1) * nbytes / (a.ag_gbps * 1e9) * 1e3
                 fwd = t["summaries fwd"] + ag + cf + t["run fwd"]
-                fb = fwd + t["summaries bwd"] + ag + cb + t["run bwd"]
+                fb = t["summaries fwd"] + ag + cf + t["summaries bwd"] + ag + cb + t["run fwd+bwd"]
                 rows.append(f"| {cfg} | {T} | {cp} | {nbytes / 2**20:.1f} MiB | {fwd:.3f} / {t['op fwd']:.3f} "
                             f"| {fb:.3f} / {t['op fwd+bwd']:.3f} | {t['op fwd'] / fwd:.2f}, {t['op fwd+bwd'] / fb:.2f} |")
                 print(rows[-1], flush=True)

@@ -19,8 +19,8 @@ and the same composition (ops.gated_delta_rule.segments.compose):
 Under backend "tilelang" (the Hopper kernels) the summaries are the intra-card summary passes over
 whole pieces (ops hopper/pieces.py: [M | S_ext] forward, [M^T | dS_ext] backward, exact) and the
 compositions the compose kernel; otherwise their torch references, where dS_ext costs one more
-backward of the continuing pieces. The backward recomputes the local forward once (autograd of the
-op, from the saved inputs).
+backward of the continuing pieces. The local forward runs under autograd and its graph is kept for
+the backward (what the op saves for its own backward; nothing is recomputed).
 """
 
 from __future__ import annotations
@@ -162,17 +162,24 @@ def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
     return fs, Mb
 
 
-def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict):
+def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict, keep_graph: bool = False):
     """The rank's pieces from their start states (rows of Z = compose(plan.fwalk, ...), or None when
-    no sequence crosses a rank): (o [1, T, HV, V], h0 [P, HV, K, V])."""
+    no sequence crosses a rank): (o [1, T, HV, V], h0 [P, HV, K, V], graph). keep_graph: the op runs
+    under autograd with its final states out, and graph = (leaves, o, final states) is what
+    backward_run differentiates (the op's own saved state: no recompute); else graph is None."""
     k, v = flat[1], flat[2]
     HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
     bounds = plan.bounds[rank]
     P = len(bounds) - 1
     like = k.new_zeros(1, HV, K, V, dtype=compute_dtype(k.dtype))
     h0 = _rows(plan.start_row[rank], Z, P, like) if Z is not None else like.new_zeros(P, HV, K, V)
-    o, _ = _local(flat, h0, _offsets(bounds, k.device), run)
-    return o, h0
+    cu = _offsets(bounds, k.device)
+    if not keep_graph:
+        return _local(flat, h0, cu, run)[0], h0, None
+    leaves = [t.detach().requires_grad_(True) for t in flat]
+    with torch.enable_grad():
+        o, fin = _local(leaves, h0, cu, run, final=True)
+    return o.detach(), h0, (leaves, o, fin)
 
 
 def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
@@ -196,16 +203,20 @@ def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
     return torch.cat([Mb.transpose(-1, -2), dext.to(Mb.dtype)], dim=-1)
 
 
-def backward_run(flat, dof, plan: CPPlan, rank: int, h0, D, run: dict):
+def backward_run(flat, dof, plan: CPPlan, rank: int, h0, D, run: dict, graph=None):
     """The op's backward of the rank's pieces from their starts h0 and end adjoints (rows of
-    D = compose(plan.bwalk, ...), or None): the gradients of q, k, v, g, beta in flat's shapes."""
+    D = compose(plan.bwalk, ...), or None): the gradients of q, k, v, g, beta in flat's shapes, from
+    forward_run's graph where kept, else from a recompute of the forward."""
     bounds = plan.bounds[rank]
     P = len(bounds) - 1
     dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
-    leaves = [t.detach().clone().requires_grad_(True) for t in flat]
-    with torch.enable_grad():
-        o, fin = _local(leaves, h0, _offsets(bounds, h0.device), run, final=True)
-        return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
+    if graph is None:
+        leaves = [t.detach().clone().requires_grad_(True) for t in flat]
+        with torch.enable_grad():
+            o, fin = _local(leaves, h0, _offsets(bounds, h0.device), run, final=True)
+    else:
+        leaves, o, fin = graph
+    return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
 
 
 def compose_walk(walk, gathered, rows: int, kernels: bool = False):
@@ -241,7 +252,7 @@ class _StatePassing(torch.autograd.Function):
         flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         fs, Mb = forward_summaries(flat, plan, rank, run)
         Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF, on_kernels(flat, run))
-        o, h0 = forward_run(flat, plan, rank, Z, run)
+        o, h0, ctx.graph = forward_run(flat, plan, rank, Z, run, keep_graph=True)
         ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
         ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
         return o.view(B, T, v.shape[2], v.shape[3])
@@ -255,7 +266,8 @@ class _StatePassing(torch.autograd.Function):
         dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
         bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run)
         D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB, on_kernels(flat, run))
-        grads = backward_run(flat, dof, plan, rank, h0, D, run)
+        grads = backward_run(flat, dof, plan, rank, h0, D, run, ctx.graph)
+        ctx.graph = None
         return tuple(gr.reshape(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None,) * 4
 
 

@@ -4,8 +4,8 @@ with the all-gathers replaced by stacking what every rank sends.
 The phases are cp.py's (forward_summaries, forward_run, backward_summaries, backward_run, the walks
 of cp_plan.py), so this runs the code the ranks run, on the backend asked for (the Hopper kernels
 under backend "tilelang"), and shows what CP costs on one card beside the single-device op on the
-same tokens: every rank's summaries, the compositions, the extra backward of the continuing pieces
-and the backward's recompute of the forward. It is a test and benchmark tool: the ranks run in
+same tokens: every rank's summaries and the compositions (and, off the Hopper path, the extra
+backward of the continuing pieces). It is a test and benchmark tool: the ranks run in
 sequence, so it is not faster than the op.
 """
 
@@ -65,13 +65,15 @@ class _Emulated(torch.autograd.Function):
         kernels = on_kernels(local[0], run)
         Z = compose_walk(plan.fwalk, _stack([fs for fs, _ in sums], plan.Q), plan.NF, kernels)
         o = q.new_empty((1, B * T) + tuple(v.shape[2:]))
-        h0s = []
+        h0s, graphs = [], []
         for r, fl in enumerate(local):
-            o_r, h0 = forward_run(fl, plan, r, Z, run)
+            o_r, h0, graph = forward_run(fl, plan, r, Z, run, keep_graph=True)
             o[:, idx[r]] = o_r
             h0s.append(h0)
+            graphs.append(graph)
         ctx.save_for_backward(q, k, v, g, beta)
         ctx.plan, ctx.run, ctx.idx, ctx.h0s, ctx.Mbs = plan, run, idx, h0s, [Mb for _, Mb in sums]
+        ctx.graphs = graphs
         return o.view(v.shape)
 
     @staticmethod
@@ -88,6 +90,7 @@ class _Emulated(torch.autograd.Function):
         D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB, on_kernels(local[0], run))
         grads = [torch.empty_like(x) for x in full]
         for r, (fl, d) in enumerate(zip(local, dlocal)):
-            for gr, part in zip(grads, backward_run(fl, d, plan, r, ctx.h0s[r], D, run)):
+            for gr, part in zip(grads, backward_run(fl, d, plan, r, ctx.h0s[r], D, run, ctx.graphs[r])):
                 gr[:, idx[r]] = part
+        ctx.graphs = None
         return tuple(gr.view(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None, None)
