@@ -1,8 +1,11 @@
 """Summaries of whole pieces on the Hopper kernels, for cross-GPU context parallelism
 (parallel/cp.py): every piece of a packed stream is cut into segments as intra-card CP cuts a
 sequence (intra_cp.plan_segment_len for the pieces' lengths and the call's IntraCPConfig), every
-segment summarised in parallel by the intra-card summary passes (exact, no warm-up), and each
-piece's segments folded into its summary (segments.fold_summaries).
+segment summarised in parallel by the intra-card summary passes (gate-driven as the config says:
+a segment whose decay over its last (forward) / first (backward) warm-up chunks is below e^-10
+reports M = 0 and what those chunks alone give, as intra-card CP does; exact in "exact" mode), and
+each piece's segments folded into its summary (segments.fold_summaries; a gated segment's M = 0
+cuts what lies before it, as the composition would).
 
     forward   [M | S_ext] of each piece: prepare, then forward.py in summary mode (chunk.summarize's
               pass) over one summary row per segment
@@ -53,7 +56,7 @@ def piece_summaries(q, k, v, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig)
     stream q, k [1, T, H, K], v [1, T, HV, V], g, beta [1, T, HV] (bounds: host ints)."""
     qf, kf, plan, segs, (Ai, P, F) = _segmented(q, k, g, beta, bounds, scale, l2norm, cfg, v.shape[-1])
     vf = v.reshape(-1, v.shape[-2], v.shape[-1]).contiguous()
-    summ = forward(qf, kf, vf, Ai, P, F, segs, n_final=plan.NS, summary=True)[1]
+    summ = forward(qf, kf, vf, Ai, P, F, segs, n_final=plan.NS, summary=True, gate_chunks=cfg.gate_chunks)[1]
     return summ if plan.NS == plan.N else fold_summaries(summ, plan)
 
 
@@ -62,5 +65,5 @@ def piece_backward_summaries(q, k, do, g, beta, bounds, scale, l2norm, cfg: Intr
     [1, T, HV, V]: dS_ext the adjoint of each piece's start from its own outputs (zero end adjoint)."""
     qf, kf, plan, segs, (Ai, P, F) = _segmented(q, k, g, beta, bounds, scale, l2norm, cfg, do.shape[-1])
     dof = do.reshape(-1, do.shape[-2], do.shape[-1]).to(q.dtype).contiguous()
-    summ = backward_dh(qf, kf, dof, Ai, P, F, segs, n_final=plan.NS, summary=True)[1]
+    summ = backward_dh(qf, kf, dof, Ai, P, F, segs, n_final=plan.NS, summary=True, gate_chunks=cfg.gate_chunks)[1]
     return summ if plan.NS == plan.N else fold_summaries(summ, plan, reverse=True)
