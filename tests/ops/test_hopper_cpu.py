@@ -384,3 +384,53 @@ def test_gate_threshold_is_the_kernels():
     from qla_megatron.ops.gated_delta_rule.hopper.forward import GATE_DECAY
     from qla_megatron.ops.gated_delta_rule.segment_plan import GATE_LOG_THRESHOLD
     assert math.isclose(GATE_DECAY, math.exp(GATE_LOG_THRESHOLD), rel_tol=1e-12)
+
+
+def test_piece_summary_launchers(monkeypatch):
+    """hopper/pieces.py on the CPU with its launches recorded: the pieces cut into segments as the
+    planner says, one summary row per segment (start, end, first chunk, 0, segment) over the plan's
+    chunk table, gate-driven as the config says, and each piece's segments folded (torch) into its
+    summary; uncut pieces are returned as summarised."""
+    from qla_megatron.ops.gated_delta_rule import segments
+    from qla_megatron.ops.gated_delta_rule.hopper import pieces
+    from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
+
+    seen = {}
+    HV, K = 4, 128
+
+    def prepare(qf, kf, gf, bf, chunks, hv, scale, l2norm):
+        seen["chunks"], seen["prepare"] = chunks.tolist(), (hv, scale, l2norm, tuple(qf.shape), tuple(gf.shape))
+        return None, None, None
+
+    def summary_rows(segs, n_final, summary, gate_chunks):
+        seen["segs"], seen["launch"] = segs.tolist(), (n_final, summary, gate_chunks)
+        out = torch.arange(n_final, dtype=torch.float32)[:, None, None, None].expand(n_final, HV, K, 2 * K)
+        return out.contiguous()
+
+    monkeypatch.setattr(pieces, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(pieces, "prepare", prepare)
+    monkeypatch.setattr(pieces, "forward", lambda q, k, v, Ai, P, F, segs, *, n_final, summary, gate_chunks:
+                        (None, summary_rows(segs, n_final, summary, gate_chunks)))
+    monkeypatch.setattr(pieces, "backward_dh", lambda q, k, do, Ai, P, F, segs, *, n_final, summary, gate_chunks:
+                        (None, summary_rows(segs, n_final, summary, gate_chunks), None))
+    folded = []
+    monkeypatch.setattr(pieces, "fold_summaries", lambda summ, plan, reverse=False: folded.append(
+        (plan, reverse)) or segments.fold_summaries(summ, plan, reverse))
+    bounds = (0, 507, 1019)                     # two pieces, each ending in a partial chunk
+    T = bounds[-1]
+    q = k = torch.zeros(1, T, 2, K, dtype=torch.bfloat16)
+    v = do = torch.zeros(1, T, HV, K, dtype=torch.bfloat16)
+    g = beta = torch.zeros(1, T, HV)
+    for cfg, cut in ((IntraCPConfig(segment_len=128), True), (IntraCPConfig(enabled=False), False),
+                     (IntraCPConfig(segment_len=128, mode="exact"), True)):
+        for bwd in (False, True):
+            folded.clear()
+            out = (pieces.piece_backward_summaries(q, k, do, g, beta, bounds, None, True, cfg) if bwd else
+                   pieces.piece_summaries(q, k, v, g, beta, bounds, None, True, cfg))
+            plan = pieces.plan_segments(bounds, 128 if cut else None)
+            assert seen["segs"] == [[plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, i] for i in range(plan.NS)]
+            assert seen["chunks"] == [list(c) for c in plan.chunks]
+            assert seen["launch"] == (plan.NS, True, cfg.gate_chunks)
+            assert seen["prepare"] == (HV, K ** -0.5, True, (T, 2, K), (T, HV))
+            assert tuple(out.shape) == (2, HV, K, 2 * K)
+            assert bool(folded) == cut and (not cut or folded[0][1] == bwd)
