@@ -11,6 +11,7 @@ def _with_megatron(rank, world_size, fn, *args):
     fn(rank, world_size, *args)
 
 
-def run_on_ranks(world_size: int, fn, *args) -> None:
-    """fn(rank, world_size, *args) on every rank; a failure on any rank fails the caller."""
-    _run_on_ranks(world_size, _with_megatron, fn, *args)
+def run_on_ranks(world_size: int, fn, *args, backend: str = "gloo") -> None:
+    """fn(rank, world_size, *args) on every rank; a failure on any rank fails the caller. backend:
+    "gloo" (CPU) or "nccl" (rank r on cuda:r)."""
+    _run_on_ranks(world_size, _with_megatron, fn, *args, backend=backend)
