@@ -61,8 +61,8 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
             runs, forward and backward, and of the summaries and compositions: the Hopper passes
             under "tilelang", else the torch references).
         options: GDNOptions of the local runs, as in chunk_gated_delta_rule (None: the defaults). Its
-            debug switch check_finite also checks that cu_seqlens is the same on every rank (a
-            collective and a host read: off by default).
+            debug switch check_finite also checks that every rank's shard has the same shape and
+            cu_seqlens is the same on every rank (collectives and host reads: off by default).
         initial_state: not supported yet (it would be the first segment's start state): must be None.
 
     Returns:
@@ -84,14 +84,28 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
     check_inputs(q, k, v, g, beta, scale, check_finite=options.check_finite)
     cp = dist.get_world_size(cp_group)
     rank = dist.get_rank(cp_group)
-    if cu_seqlens is not None and options.check_finite:
-        _check_same_on_ranks(cu_seqlens, cp_group)
+    if options.check_finite:
+        _check_same_shapes(q, v, cp_group)
+        if cu_seqlens is not None:
+            _check_same_on_ranks(cu_seqlens, cp_group)
     B, T = k.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, cp * T)
     plan = cp_plan(layout, cp, T, B, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None)
     run = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=backend, options=options)
     return _StatePassing.apply(q, k, v, g, beta, plan, rank, cp_group, run)
+
+
+def _check_same_shapes(q, v, group):
+    """Debug check: every rank holds a shard of one shape (B, T_local, H, HV, K, V), else ValueError
+    naming the shards (an all-gather and a host read)."""
+    mine = torch.tensor(list(q.shape) + list(v.shape[2:]), dtype=torch.int64, device=q.device)
+    shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, mine, group=group)
+    got = [tuple(int(x) for x in t) for t in shapes]
+    if len(set(got)) != 1:
+        raise ValueError("the shards of q, k, v, g, beta must have one shape on every rank "
+                         f"(B, T_local, H, K, HV, V); got {got} by rank")
 
 
 def _check_same_on_ranks(cu_seqlens, group):

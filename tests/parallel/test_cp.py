@@ -97,6 +97,11 @@ def _errors_rank(rank, world):
     cu = torch.tensor([0, 10, 66]) if rank == 0 else torch.tensor([0, 10, 20, 66])
     with pytest.raises(ValueError, match="lengths differ"):
         cp_chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, options=GDNOptions(check_finite=True))
+    # shards of unequal length: caught by the same debug check, on every rank
+    T = 33 if rank == 0 else 32
+    with pytest.raises(ValueError, match="one shape on every rank"):
+        cp_chunk_gated_delta_rule(q[:, :T], k[:, :T], v[:, :T], g[:, :T], beta[:, :T],
+                                  options=GDNOptions(check_finite=True))
 
 
 def test_cp_bad_inputs():
