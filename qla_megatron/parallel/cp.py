@@ -35,10 +35,8 @@ from qla_megatron.ops.gated_delta_rule.options import resolve_options
 from qla_megatron.ops.gated_delta_rule.segments import compose
 
 from .collectives import all_gather_stacked
-from .cp_plan import CPPlan, cp_plan, zigzag_piece_lengths
+from .cp_plan import CPPlan, cp_plan
 from .layouts import check_layout
-
-__all__ = ["cp_chunk_gated_delta_rule", "zigzag_piece_lengths"]
 
 
 def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layout="contiguous",
@@ -93,6 +91,8 @@ def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, cp_group=None, layou
         check_cu_seqlens(cu_seqlens, B, cp * T)
     plan = cp_plan(layout, cp, T, B, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None)
     run = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=backend, options=options)
+    run["kernels"] = on_kernels((q, k, v), run)
+    run["grad"] = torch.is_grad_enabled()      # inside the Function's forward it is always off
     return _StatePassing.apply(q, k, v, g, beta, plan, rank, cp_group, run)
 
 
@@ -125,13 +125,9 @@ def _check_same_on_ranks(cu_seqlens, group):
 
 
 def _pieces(x, bounds, idx):
-    """The tokens of local pieces idx (of the local stream x [1, T, ...] cut at bounds), packed, and
-    their offsets."""
-    parts = [x[:, bounds[p]:bounds[p + 1]] for p in idx]
-    cu = [0]
-    for t in parts:
-        cu.append(cu[-1] + t.shape[1])
-    return torch.cat(parts, dim=1), torch.tensor(cu, dtype=torch.int64, device=x.device)
+    """The tokens of local pieces idx (of the local stream x [1, T, ...] cut at bounds), packed; their
+    offsets there are _sub_bounds(bounds, idx)."""
+    return torch.cat([x[:, bounds[p]:bounds[p + 1]] for p in idx], dim=1)
 
 
 def _rows(rows, src, n, like):
@@ -153,22 +149,23 @@ def _gather(x, n_slots, group):
 def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
     """Rank `rank`'s summaries: (fs [len(fsend), HV, K, K + V], the [M | S_ext] it sends forward;
     Mb [len(bsend), HV, K, K] or None, the M of the pieces it sends backward, for M^T), from its
-    packed local stream flat = [q, k, v, g, beta] ([1, T, ...] each), in one scan."""
+    packed local stream flat = [q, k, v, g, beta] ([1, T, ...] each), in one scan. run["kernels"]
+    (on_kernels, decided once a call): the Hopper summary pass, else the torch reference."""
     k, v = flat[1], flat[2]
     HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
     bounds = plan.bounds[rank]
-    if on_kernels(flat, run):          # [M | S_ext] by the Hopper summary pass; the backward has its own
+    if run["kernels"]:                 # [M | S_ext] by the Hopper summary pass; the backward has its own
         fs = plan.fsend[rank]
         if not fs:
             return k.new_zeros(0, HV, K, K + V, dtype=torch.float32), None
         from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_summaries
-        return piece_summaries(*(_pieces(x, bounds, fs)[0] for x in flat), _sub_bounds(bounds, fs),
+        return piece_summaries(*(_pieces(x, bounds, fs) for x in flat), _sub_bounds(bounds, fs),
                                run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp), None
     send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
     if not send:
         return k.new_zeros(0, HV, K, K + V, dtype=compute_dtype(k.dtype)), None
-    ks, vs, gs, bs = (_pieces(x, bounds, send)[0] for x in flat[1:])
-    ext, M = segment_summary(ks, vs, gs, bs, _pieces(k, bounds, send)[1],
+    ks, vs, gs, bs = (_pieces(x, bounds, send) for x in flat[1:])
+    ext, M = segment_summary(ks, vs, gs, bs, _offsets(_sub_bounds(bounds, send), k.device),
                              use_qk_l2norm_in_kernel=run["use_qk_l2norm_in_kernel"])
     at = {p: i for i, p in enumerate(send)}
     fs = torch.cat([M, ext], dim=-1)[[at[p] for p in plan.fsend[rank]]]
@@ -204,32 +201,26 @@ def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
     bounds, bs = plan.bounds[rank], plan.bsend[rank]
     if not bs:
         return h0.new_zeros(0, HV, K, K + V)
-    if on_kernels(flat, run):          # the Hopper backward summary pass: [M^T | dS_ext] in one walk
+    if run["kernels"]:                 # the Hopper backward summary pass: [M^T | dS_ext] in one walk
         from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_backward_summaries
-        q, k, _, g, beta = (_pieces(x, bounds, bs)[0] for x in flat)
-        return piece_backward_summaries(q, k, _pieces(dof, bounds, bs)[0], g, beta, _sub_bounds(bounds, bs),
+        q, k, _, g, beta = (_pieces(x, bounds, bs) for x in flat)
+        return piece_backward_summaries(q, k, _pieces(dof, bounds, bs), g, beta, _sub_bounds(bounds, bs),
                                         run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp)
-    sub = [_pieces(x, bounds, bs)[0] for x in flat]
+    sub = [_pieces(x, bounds, bs) for x in flat]
     z = h0.new_zeros(len(bs), HV, K, V).requires_grad_(True)
     with torch.enable_grad():
-        o_sub, _ = _local(sub, z, _pieces(flat[1], bounds, bs)[1], run)
-        dext, = torch.autograd.grad(o_sub, z, _pieces(dof, bounds, bs)[0].to(o_sub.dtype))
+        o_sub, _ = _local(sub, z, _offsets(_sub_bounds(bounds, bs), h0.device), run)
+        dext, = torch.autograd.grad(o_sub, z, _pieces(dof, bounds, bs).to(o_sub.dtype))
     return torch.cat([Mb.transpose(-1, -2), dext.to(Mb.dtype)], dim=-1)
 
 
-def backward_run(flat, dof, plan: CPPlan, rank: int, h0, D, run: dict, graph=None):
-    """The op's backward of the rank's pieces from their starts h0 and end adjoints (rows of
-    D = compose(plan.bwalk, ...), or None): the gradients of q, k, v, g, beta in flat's shapes, from
-    forward_run's graph where kept, else from a recompute of the forward."""
-    bounds = plan.bounds[rank]
-    P = len(bounds) - 1
+def backward_run(dof, plan: CPPlan, rank: int, h0, D, graph):
+    """The op's backward of the rank's pieces, from forward_run's kept graph and their end adjoints
+    (rows of D = compose(plan.bwalk, ...), or None): the gradients of q, k, v, g, beta in the shapes
+    of its local stream."""
+    P = len(plan.bounds[rank]) - 1
     dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
-    if graph is None:
-        leaves = [t.detach().clone().requires_grad_(True) for t in flat]
-        with torch.enable_grad():
-            o, fin = _local(leaves, h0, _offsets(bounds, h0.device), run, final=True)
-    else:
-        leaves, o, fin = graph
+    leaves, o, fin = graph
     return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
 
 
@@ -239,10 +230,10 @@ def compose_walk(walk, gathered, rows: int, kernels: bool = False):
     return compose(walk, gathered, None, rows, backend="tilelang" if kernels else "torch") if rows else None
 
 
-def on_kernels(flat, run: dict) -> bool:
-    """Whether the call's backend is the Hopper one (backends.select for this rank's inputs, as the op
+def on_kernels(qkv, run: dict) -> bool:
+    """Whether the call's backend is the Hopper one (backends.select for these q, k, v, as the op
     selects): then the summaries and the compositions run on its kernels too."""
-    q, k, v = flat[:3]
+    q, k, v = qkv
     info = backends.CallInfo(k.device, q.dtype, k.shape[2], v.shape[2], k.shape[3], v.shape[3], varlen=True,
                              requires_grad=True)
     return backends.select(run["backend"], info).name == "tilelang"
@@ -265,8 +256,10 @@ class _StatePassing(torch.autograd.Function):
         B, T = k.shape[:2]
         flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         fs, Mb = forward_summaries(flat, plan, rank, run)
-        Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF, on_kernels(flat, run))
-        o, h0, ctx.graph = forward_run(flat, plan, rank, Z, run, keep_graph=True)
+        Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF, run["kernels"])
+        # The op's graph only where a backward will follow (not under no_grad / for frozen inputs).
+        keep = run["grad"] and any(ctx.needs_input_grad[:5])
+        o, h0, ctx.graph = forward_run(flat, plan, rank, Z, run, keep_graph=keep)
         ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
         ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
         return o.view(B, T, v.shape[2], v.shape[3])
@@ -279,8 +272,8 @@ class _StatePassing(torch.autograd.Function):
         flat = [x.detach().reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
         bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run)
-        D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB, on_kernels(flat, run))
-        grads = backward_run(flat, dof, plan, rank, h0, D, run, ctx.graph)
+        D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB, run["kernels"])
+        grads = backward_run(dof, plan, rank, h0, D, ctx.graph)
         ctx.graph = None
         return tuple(gr.reshape(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None,) * 4
 

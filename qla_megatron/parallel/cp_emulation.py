@@ -40,6 +40,8 @@ def emulated_cp_chunk_gated_delta_rule(q, k, v, g, beta, cp: int, layout: str = 
         check_cu_seqlens(cu_seqlens, B, T)
     plan = cp_plan(layout, cp, T // cp, B, tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None)
     run = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=backend, options=options)
+    run["kernels"] = on_kernels((q, k, v), run)
+    run["grad"] = torch.is_grad_enabled()      # inside the Function's forward it is always off
     return _Emulated.apply(q, k, v, g, beta, plan, run)
 
 
@@ -62,12 +64,12 @@ class _Emulated(torch.autograd.Function):
         full = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         local = [[x[:, i] for x in full] for i in idx]
         sums = [forward_summaries(fl, plan, r, run) for r, fl in enumerate(local)]
-        kernels = on_kernels(local[0], run)
-        Z = compose_walk(plan.fwalk, _stack([fs for fs, _ in sums], plan.Q), plan.NF, kernels)
+        Z = compose_walk(plan.fwalk, _stack([fs for fs, _ in sums], plan.Q), plan.NF, run["kernels"])
         o = q.new_empty((1, B * T) + tuple(v.shape[2:]))
         h0s, graphs = [], []
+        keep = run["grad"] and any(ctx.needs_input_grad[:5])     # as cp.py: only where a backward follows
         for r, fl in enumerate(local):
-            o_r, h0, graph = forward_run(fl, plan, r, Z, run, keep_graph=True)
+            o_r, h0, graph = forward_run(fl, plan, r, Z, run, keep_graph=keep)
             o[:, idx[r]] = o_r
             h0s.append(h0)
             graphs.append(graph)
@@ -87,10 +89,10 @@ class _Emulated(torch.autograd.Function):
         dlocal = [dof[:, i] for i in idx]
         bsumm = [backward_summaries(fl, d, plan, r, ctx.h0s[r], ctx.Mbs[r], run)
                  for r, (fl, d) in enumerate(zip(local, dlocal))]
-        D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB, on_kernels(local[0], run))
+        D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB, run["kernels"])
         grads = [torch.empty_like(x) for x in full]
-        for r, (fl, d) in enumerate(zip(local, dlocal)):
-            for gr, part in zip(grads, backward_run(fl, d, plan, r, ctx.h0s[r], D, run, ctx.graphs[r])):
+        for r, d in enumerate(dlocal):
+            for gr, part in zip(grads, backward_run(d, plan, r, ctx.h0s[r], D, ctx.graphs[r])):
                 gr[:, idx[r]] = part
         ctx.graphs = None
         return tuple(gr.view(x.shape) for gr, x in zip(grads, (q, k, v, g, beta))) + (None, None)

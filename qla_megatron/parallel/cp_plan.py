@@ -23,6 +23,8 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from qla_megatron.ops.gated_delta_rule.segment_plan import Walk
 
 from .layouts import check_layout
@@ -54,8 +56,10 @@ class CPPlan:
 
 
 def zigzag_piece_lengths(cu_seqlens, cp: int) -> list[int]:
-    """Lengths of a rank's local pieces in the zigzag THD layout: two per sequence, L_n / (2 cp) each."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    """Lengths of a rank's local pieces in the zigzag THD layout: two per sequence, L_n / (2 cp) each
+    (cu_seqlens: a tensor or a sequence of ints)."""
+    cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     bad = [L for L in lens if L % (2 * cp)]
     if bad:
         raise ValueError(f"layout='zigzag' with cu_seqlens needs every sequence length to be a multiple of "
@@ -109,8 +113,7 @@ def cp_plan(layout: str, cp: int, T: int, B: int = 1, cu: Optional[tuple] = None
     if cu is None and layout == "zigzag" and T % 2:
         raise ValueError(f"layout='zigzag' needs an even local length (two equal halves), got T_local={T}")
     if cu is not None and layout == "zigzag":
-        import torch
-        lens = zigzag_piece_lengths(torch.tensor(cu), cp)
+        lens = zigzag_piece_lengths(cu, cp)
         if sum(lens) != T:
             raise ValueError(f"this rank holds T_local={T} tokens, but cu_seqlens implies {sum(lens)} in the "
                              f"zigzag layout")

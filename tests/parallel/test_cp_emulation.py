@@ -24,6 +24,24 @@ def test_emulated_equals_single_process(world, layout, T_local, cu):
         assert rel(a, b) <= 1e-10, name
 
 
+def test_graph_kept_only_for_a_backward(monkeypatch):
+    """The ranks' op graphs (kept for the backward, cp.forward_run) are built only where a backward can
+    follow: not under torch.no_grad, not for inputs that need no gradient."""
+    import qla_megatron.parallel.cp_emulation as emu_mod
+    kept, run = [], emu_mod.forward_run
+
+    def recording(*a, keep_graph):
+        kept.append(keep_graph)
+        return run(*a, keep_graph=keep_graph)
+    monkeypatch.setattr(emu_mod, "forward_run", recording)
+    full = make_inputs(1, 64, 1, 2, 8, 8, torch.float64, initial_state=False, requires_grad=True)[:5]
+    for grad, inputs, want in ((False, full, False), (True, [t.detach() for t in full], False), (True, full, True)):
+        kept.clear()
+        with torch.set_grad_enabled(grad):
+            emulated_cp_chunk_gated_delta_rule(*inputs, cp=2)
+        assert kept == [want, want], (grad, kept)
+
+
 def test_emulated_bad_inputs():
     q, k, v, g, beta, _ = make_inputs(1, 66, 1, 2, 8, 8, torch.float32, initial_state=False)
     with pytest.raises(ValueError, match="cp must be an int >= 1"):

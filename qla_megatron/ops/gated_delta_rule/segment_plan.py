@@ -252,12 +252,17 @@ def _tables(plan: SegmentPlan, device: torch.device) -> KernelTables:
     tables = dict(chunks=_i32(list(plan.chunks), device), segs=_i32(segs, device), bsegs=_i32(bsegs, device),
                   NC=len(plan.chunks), NS=plan.NS)
     if plan.segment_len and plan.composes:
-        def summary_segs(rows):
-            return _i32([(plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, r)
-                         for i, r in enumerate(rows) if r >= 0], device)
-        tables.update(sum_segs=summary_segs(plan.fwd_row), bsum_segs=summary_segs(plan.bwd_row),
+        tables.update(sum_segs=summary_segs(plan, plan.fwd_row, device),
+                      bsum_segs=summary_segs(plan, plan.bwd_row, device),
                       walk=plan.walk.tensors(device), bwalk=plan.bwalk.tensors(device))
     return KernelTables(**tables)
+
+
+def summary_segs(plan: SegmentPlan, rows, device) -> torch.Tensor:
+    """The summary passes' table [n, 5] = (start, end, first chunk, 0, summary row) of the segments i
+    with rows[i] >= 0 (their summary row), in segment order."""
+    return _i32([(plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, r) for i, r in enumerate(rows) if r >= 0],
+                device)
 
 
 def max_pieces(T: int, N: int, piece: int) -> int:

@@ -24,7 +24,7 @@ import functools
 import torch
 
 from ..intra_cp import IntraCPConfig, plan_segment_len
-from ..segment_plan import SegmentPlan, _i32, plan_segments
+from ..segment_plan import SegmentPlan, plan_segments, summary_segs
 from ..segments import fold_summaries
 from .backward import backward_dh
 from .chunk import _num_sms, bv_main, forward, prepare
@@ -32,9 +32,8 @@ from .chunk import _num_sms, bv_main, forward, prepare
 
 @functools.lru_cache(maxsize=64)
 def _tables(plan: SegmentPlan, device: torch.device):
-    """(chunks [NC, 2], summary rows [NS, 5] = (start, end, first chunk, 0, segment)) of a plan."""
-    segs = [(plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, i) for i in range(plan.NS)]
-    return _i32(list(plan.chunks), device), _i32(segs, device)
+    """(chunks [NC, 2], summary rows [NS, 5] with segment i's summary in row i) of a plan."""
+    return plan.kernel_tables(device).chunks, summary_segs(plan, range(plan.NS), device)
 
 
 def _segmented(q, k, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig, V: int):
