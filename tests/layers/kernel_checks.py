@@ -95,6 +95,9 @@ def _compare(name, dtype, fn, ref_fn, inputs, out_shapes_fn, device):
         shapes = out_shapes_fn()
     cot = [torch.randn(s, device=device, dtype=torch.float64) for s in shapes]
     outs, grads = _grads(fn, inputs, cot)
+    # The references get the cotangents the kernels got, rounded to each output's dtype (the same
+    # inputs, DESIGN §6): else the floor below rounds a gradient no kernel can reach from its inputs.
+    cot = [c.to(o.dtype).double() for c, o in zip(cot, outs)]
     outs_ref, grads_ref = _grads(ref_fn, [t.double() if t is not None and t.is_floating_point() else t
                                           for t in inputs], cot)
     outs_lo, grads_lo = (None, None)
