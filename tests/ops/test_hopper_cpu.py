@@ -295,7 +295,12 @@ def test_backward_dh_launcher(monkeypatch, summary):
     assert tuple(tensors[8].shape) == ((1, HV, V) if summary else (Tt, HV, V))
     assert tuple(dh0.shape) == (NS, HV, K, K + V if summary else V) and (dv is None) == summary
     assert summary or tensors[9] is dst
-    assert sdc is None and kwargs["has_initial"] is False          # no terminal adjoint: no correction
+    assert kwargs["has_initial"] is False                          # no terminal adjoint: no correction
+    if summary:
+        assert sdc is None
+    else:   # the zero rows backward_grads reads, the kernel's own buffer (no second allocation)
+        assert tensors[13] is sdc and tuple(sdc.shape) == (4, HV, V) and sdc.dtype == torch.float32
+        assert not sdc.any()
 
 
 def test_backward_dh_launcher_end_chunk_term(monkeypatch):

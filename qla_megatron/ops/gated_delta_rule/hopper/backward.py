@@ -32,9 +32,9 @@ from .chunk import _DTYPES, ForwardSaved, bv_main, empty, flat_inputs, forward
 def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False, gate_chunks=0,
                 dstates=None, states=None, starts=None):
     """Launch backward_dh_kernel over `segs`. Main mode: returns (dv [Tt, HV, V], dh0 [n_final, HV, K, V]
-    or None, sdc [NC, HV, V] fp32 or None) and fills dstates [NC, HV, K, V]; with dht, states (every
+    or None, sdc [NC, HV, V] fp32) and fills dstates [NC, HV, K, V]; with dht, states (every
     chunk's start state) is read, and starts (the segments' fp32 start states) where given, for the
-    end chunks' <S, dS> corrections sdc (backward_dh.py; zero elsewhere). Summary mode: returns
+    end chunks' <S, dS> corrections sdc (backward_dh.py; zero elsewhere, and all zero without dht). Summary mode: returns
     (None, [n_final, HV, K, K + V], None)."""
     Tt, H, K = k.shape
     HV, V = do.shape[1], do.shape[2]
@@ -49,14 +49,15 @@ def backward_dh(q, k, do, Ai, P, F, segs, *, dht=None, n_final=0, summary=False,
     ds = dstates if dstates is not None else q.new_empty(1, HV, K, V)
     if end_term:
         assert states is not None, "backward_dh: a terminal adjoint needs states (every chunk's start state)"
-        # Zeros, not poison: the walk writes the end chunks' rows only, and every row is read.
-        sdc = torch.zeros(states.shape[0], HV, V, dtype=torch.float32, device=q.device)
     else:   # not read; shaped as the kernel's symbolic NCs (dstates' rows) requires
         states = ds
-        sdc = torch.empty(ds.shape[0], HV, V, dtype=torch.float32, device=q.device)
+    # Zeros, not poison: the walk writes the end chunks' rows only (none without a terminal adjoint),
+    # and backward_grads reads every row; in main mode it is returned either way, so that
+    # backward_grads needs no second [NC, HV, V] buffer. Summary mode: a one-row placeholder.
+    sdc = torch.zeros(ds.shape[0], HV, V, dtype=torch.float32, device=q.device)
     st0 = starts if end_term and starts is not None else dummy.new_empty(1, HV, K, V)   # contiguous
     kern(q, k, do, Ai, P, F, segs, dht if dht is not None else dummy, dv, ds, dh0, states, st0, sdc)
-    return (None if summary else dv), (dh0 if n_final else None), (sdc if end_term else None)
+    return (None if summary else dv), (dh0 if n_final else None), (None if summary else sdc)
 
 
 def backward_summarize(q, k, do, Ai, P, F, plan, *, gate_chunks: int = 0) -> torch.Tensor:
