@@ -70,7 +70,7 @@ def test_emulated_on_hopper_kernels(world, layout, cu):
     o and every gradient of the emulated ranks on the Hopper kernels against the float64 recurrence."""
     from ..ops.test_hopper_backward import Case, _grads
     from qla_megatron.ops.gated_delta_rule.hopper.chunk import poison_outputs
-    cu_t = offsets(cu) if cu is not None else None
+    cu_t = torch.tensor(cu, dtype=torch.int64, device="cuda") if cu is not None else None   # boundaries
     low, _ = rounded_inputs(1, 2048, 2, 8, N=len(cu) - 1 if cu else None, h0=False)
     case = Case(low, None, cu_t, final=False)
 

@@ -23,7 +23,7 @@ def _nccl_rank(rank, world, layout, T, cu, seed):
     from ..ops.test_hopper_backward import Case
 
     torch.manual_seed(seed)                     # the same whole-sequence inputs on both ranks
-    cu_t = offsets(cu) if cu is not None else None
+    cu_t = torch.tensor(cu, dtype=torch.int64, device="cuda") if cu is not None else None   # boundaries
     low, _ = rounded_inputs(1, T, 2, 8, N=len(cu) - 1 if cu else None, h0=False)
     case = Case(low, None, cu_t, final=False)
     plan = cp_plan(layout, world, T // world, 1, tuple(cu) if cu is not None else None)
