@@ -3,13 +3,24 @@
 The forward kernel runs one program per (value block, v-head, segment) and walks its segment's chunks
 one after another, so a pass takes about
 
-    chunks per program x max(1, programs / concurrent programs)          (in chunk-steps)
+    chunks per program x waves,   waves = ceil(programs / concurrent programs)   (in chunk-steps)
+
+counted in whole waves (programs placed longest first on the least-loaded SM): 192 programs on 132
+SMs take two segment-times, not 1.45. Measured on an H200 at 48/16 heads x 32k tokens
+(benchmarks/bench_segment_len.py): 4 segments (192 programs, two waves) 1.530 / 7.394 ms forward /
+forward+backward, 5 segments (240 programs, two full waves) 1.384 / 6.830; the planner without
+waves chose 4.
 
 With segments, a summary pass (state widened to K + V columns, no output; its programs cost about
-`summary_cost` of a main program per chunk) runs first, then one composition step per segment boundary
-(sequential, `compose_cost` each), then the main pass from composed starts. The
-planner compares the estimated time of every candidate segment length (whole sequence, and halvings
-down to `min_segment_chunks` chunks) and picks the fastest; ties go to fewer segments.
+`summary_cost` of a main program per chunk; in gate mode a warm-up walk of `warmup_chunks` chunks,
+the decaying heads' cost, which a plan that reads no gates assumes) runs first, then one composition
+step per segment boundary (sequential, `compose_cost` each), then the main pass from composed starts.
+The estimate is that of a training step: the backward walks the chunks again (the states pass and
+the adjoint walk, `backward_walk_cost` forward walks) and has its own summaries and composition.
+The planner compares the estimate of every candidate segment length (the longest sequence cut into
+1, 2, 3, ... equal segments, down to `min_segment_chunks` chunks: any count, so that waves can be
+filled) and picks the fastest; a candidate must beat the best so far by 5 %, so ties go to fewer
+segments.
 
 Options (IntraCPConfig, carried by options.GDNOptions.intra_cp): `enabled=False` turns it off;
 `segment_len=<tokens>` forces a segment length (a multiple of 64). `mode="gate"` (the default)
@@ -28,6 +39,7 @@ than it are cut; the Hopper path builds the plan on the device (segment_plan.pac
 from __future__ import annotations
 
 import functools
+import heapq
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -41,9 +53,10 @@ class IntraCPConfig:
     min_segment_chunks: int = 8              # shorter segments cost more in summaries than they save
     programs_per_sm: int = 1                 # concurrent forward programs per SM (shared memory bound)
     summary_cost: float = 0.7                # summary program cost per chunk, relative to a main one
-    compose_cost: float = 2.5                # one sequential composition step, in chunk-steps (set when
-                                             # each step was a torch launch; compose.py now runs them all
-                                             # in one, not re-tuned since)
+    compose_cost: float = 2.5                # one sequential composition step, in chunk-steps
+    backward_walk_cost: float = 3.0          # the backward's walks (states pass + adjoint walk) per
+                                             # chunk-step, relative to the forward's (H200, 8/2 heads:
+                                             # 2.9; benchmarks/results/segment_len_h200.md)
     mode: str = "gate"                       # "gate" or "exact" (see the module docstring)
     warmup_chunks: int = WARMUP_CHUNKS       # gate mode: chunks of warm-up before a segment
 
@@ -58,6 +71,10 @@ class IntraCPConfig:
             raise ValueError(f"intra-CP mode must be 'exact' or 'gate', got {self.mode!r}")
         if not isinstance(self.warmup_chunks, int) or self.warmup_chunks < 1:
             raise ValueError(f"intra-CP warmup_chunks must be an int >= 1, got {self.warmup_chunks!r}")
+        for name in ("summary_cost", "compose_cost", "backward_walk_cost"):
+            x = getattr(self, name)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not x >= 0:
+                raise ValueError(f"intra-CP {name} must be a number >= 0, got {x!r}")
 
     @property
     def gate_chunks(self) -> int:
@@ -72,17 +89,35 @@ class IntraCPConfig:
         return default_options().intra_cp
 
 
-def _pass_time(chunks_per_seq: Sequence[int], seg_chunks: int, programs_per_segment: int,
-               slots: int, cost: float) -> float:
-    """Estimated time of one pass in chunk-steps: the longest program, or the total work over the
-    concurrent slots, whichever is larger."""
-    total = 0
-    longest = 0
+def _pass_time(programs: dict, slots: int) -> float:
+    """Estimated time of one pass in chunk-steps: programs {length in chunks: count} placed longest
+    first onto the least-loaded of `slots` concurrent slots (list scheduling), so that waves are
+    whole: 192 programs of 128 chunks on 132 slots take 256 chunk-steps, not 186. A group of at least
+    `slots` programs is placed a full round at a time (one program on every slot)."""
+    loads = [0.0] * slots
+    for length in sorted(programs, reverse=True):
+        count = programs[length]
+        rounds, count = divmod(count, slots)
+        if rounds:
+            loads = [x + rounds * length for x in loads]
+        heapq.heapify(loads)
+        for _ in range(count):
+            heapq.heapreplace(loads, loads[0] + length)
+    return max(loads)
+
+
+def _programs(chunks_per_seq: Sequence[int], seg: int, per_segment: int, walk=None) -> dict:
+    """{length: count} of a pass over every sequence cut into segments of `seg` chunks (the last one
+    shorter), `per_segment` programs a segment; walk(segment chunks) -> the chunks a program walks;
+    None: all of them."""
+    out = {}
     for nc in chunks_per_seq:
-        full, rest = divmod(nc, seg_chunks)
-        total += (full * seg_chunks + rest) * programs_per_segment
-        longest = max(longest, min(nc, seg_chunks))
-    return cost * max(longest, total / slots)
+        full, rest = divmod(nc, seg)
+        for length, n in ((seg, full), (rest, 1)):
+            w = length if walk is None else walk(length)
+            if n and w:
+                out[w] = out.get(w, 0) + n * per_segment
+    return out
 
 
 def plan_segment_len(seq_lens: Sequence[int], HV: int, K: int, V: int, num_sms: int, BV: int = 64,
@@ -131,16 +166,21 @@ def _plan_segment_len(seq_lens: tuple, HV: int, K: int, V: int, num_sms: int, BV
     longest = max(chunks)
     slots = num_sms * cfg.programs_per_sm
     main_progs, sum_progs = V // BV, (K + V) // BV
-    best, best_t = None, _pass_time(chunks, longest, HV * main_progs, slots, 1.0)
-    seg = longest // 2
-    while seg >= cfg.min_segment_chunks:
-        # Summaries are needed for every segment that has a successor.
-        sum_chunks = [(nc - 1) // seg * seg for nc in chunks]
-        t = (_pass_time([c for c in sum_chunks if c], seg, HV * sum_progs, slots, cfg.summary_cost)
-             if any(sum_chunks) else 0.0)
+    walks = 1.0 + cfg.backward_walk_cost
+    best, best_t = None, walks * _pass_time(_programs(chunks, longest, HV * main_progs), slots)
+    seen = {longest}
+    for n_seg in range(2, longest // max(1, cfg.min_segment_chunks) + 1):
+        seg = -(-longest // n_seg)                          # the longest sequence in n_seg segments
+        if seg in seen or seg < cfg.min_segment_chunks:
+            continue
+        seen.add(seg)
+        # Summaries for every segment with a successor; gate mode: warm-up walks (decaying heads).
+        with_next = [(nc - 1) // seg * seg for nc in chunks]
+        walk = (lambda L: min(L, cfg.warmup_chunks)) if cfg.mode == "gate" else None
+        summ = _pass_time(_programs([c for c in with_next if c], seg, HV * sum_progs, walk), slots)
         steps = max((nc - 1) // seg for nc in chunks)      # sequential composition steps
-        t += _pass_time(chunks, seg, HV * main_progs, slots, 1.0) + 2.0 + cfg.compose_cost * steps
+        t = (walks * _pass_time(_programs(chunks, seg, HV * main_progs), slots)
+             + 2 * (cfg.summary_cost * summ + 2.0 + cfg.compose_cost * steps))   # forward and backward
         if t < best_t * 0.95:
             best, best_t = seg * CHUNK, t
-        seg //= 2
     return best
