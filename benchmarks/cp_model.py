@@ -6,7 +6,8 @@ Every rank runs its phases in parallel with the others, so a step is one rank's 
 rank modelled is a middle rank of the contiguous layout with one sequence (its piece continues both
 ways: it sends a forward and a backward summary and receives both, the most any rank does):
 
-    fwd      forward_summaries + all-gather(cp) + compose(fwalk, cp) + forward_run
+    fwd      forward_summaries (with the rank's one prepare) + all-gather(cp) + compose(fwalk, cp)
+             + forward_run
     fwd+bwd  the same with forward_run's graph kept, + backward_summaries + all-gather(cp)
              + compose(bwalk, cp) + backward_run from that graph
 
@@ -51,18 +52,20 @@ def phases(HV, H, T):
     plan = cp_plan("contiguous", 3, T)                  # rank 1 of 3: a piece continuing both ways
     run["kernels"] = cpm.on_kernels(inputs[:3], run)
     assert run["kernels"], "the model times the Hopper path (backend tilelang)"
-    fs, Mb = cpm.forward_summaries(inputs, plan, 1, run)
+    # On the kernels forward_summaries prepares the rank's stream (its one prepare) and returns it;
+    # forward_run and the backward read those factors.
+    fs, local = cpm.forward_summaries(inputs, plan, 1, run)
     Z = cpm.compose_walk(plan.fwalk, fs.repeat(3, 1, 1, 1), plan.NF, True)
-    o, h0, _ = cpm.forward_run(inputs, plan, 1, Z, run)
-    bs = cpm.backward_summaries(inputs, do, plan, 1, h0, Mb, run)
+    o, h0, graph = cpm.forward_run(inputs, plan, 1, Z, run, keep_graph=True, local=local)
+    bs = cpm.backward_summaries(inputs, do, plan, 1, h0, None, run, graph)
     D = cpm.compose_walk(plan.bwalk, bs.repeat(3, 1, 1, 1), plan.NB, True)
     with torch.no_grad():
         out["summaries fwd"] = bench(lambda: cpm.forward_summaries(inputs, plan, 1, run))
-        out["run fwd"] = bench(lambda: cpm.forward_run(inputs, plan, 1, Z, run))
-        out["summaries bwd"] = bench(lambda: cpm.backward_summaries(inputs, do, plan, 1, h0, Mb, run))
-    # the local forward with its graph kept, then the backward from it (as _StatePassing runs them)
+        out["run fwd"] = bench(lambda: cpm.forward_run(inputs, plan, 1, Z, run, local=local))
+        out["summaries bwd"] = bench(lambda: cpm.backward_summaries(inputs, do, plan, 1, h0, None, run, graph))
+    # the local forward with what the backward needs kept, then the backward from it (as _StatePassing runs them)
     out["run fwd+bwd"] = bench(lambda: cpm.backward_run(
-        do, plan, 1, h0, D, cpm.forward_run(inputs, plan, 1, Z, run, keep_graph=True)[2]))
+        do, plan, 1, h0, D, cpm.forward_run(inputs, plan, 1, Z, run, keep_graph=True, local=local)[2]))
     del inputs, do, leaves
     return out, fs.shape[1:]
 

@@ -16,11 +16,14 @@ and the same composition (ops.gated_delta_rule.segments.compose):
               backward from the starts with those end adjoints (the op's own backward: the Hopper
               kernels, with their intra-card CP, under backend "tilelang")
 
-Under backend "tilelang" (the Hopper kernels) the summaries are the intra-card summary passes over
-whole pieces (ops hopper/pieces.py: [M | S_ext] forward, [M^T | dS_ext] backward, exact) and the
-compositions the compose kernel; otherwise their torch references, where dS_ext costs one more
-backward of the continuing pieces. The local forward runs under autograd and its graph is kept for
-the backward (what the op saves for its own backward; nothing is recomputed).
+Under backend "tilelang" (the Hopper kernels) each rank prepares its local stream once
+(ops hopper/pieces.py: one host plan of its pieces, cut into segments as intra-card CP cuts a
+sequence, and one set of chunk factors), takes its pieces' [M | S_ext] from those factors, runs the
+rest of the forward from the composed starts (with intra-card CP inside each piece), and in the
+backward takes [M^T | dS_ext] and the op's backward from the same saved factors; the compositions
+run on the compose kernel. Otherwise the summaries and compositions are the torch references, where
+dS_ext costs one more backward of the continuing pieces, and the local forward runs under autograd
+with its graph kept for the backward (what the op saves for its own backward; nothing is recomputed).
 """
 
 from __future__ import annotations
@@ -140,6 +143,11 @@ def _rows(rows, src, n, like):
     return out
 
 
+def _take(summ, idx):
+    """Rows idx (host ints) of summ, in that order."""
+    return summ[torch.tensor(idx, dtype=torch.int64, device=summ.device)]
+
+
 def _gather(x, n_slots, group):
     """Every rank's x [len(slots), ...] padded to n_slots rows, all-gathered rank-major: [cp n_slots, ...]."""
     pad = x.new_zeros((n_slots - x.shape[0],) + tuple(x.shape[1:]))
@@ -154,13 +162,14 @@ def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
     k, v = flat[1], flat[2]
     HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
     bounds = plan.bounds[rank]
-    if run["kernels"]:                 # [M | S_ext] by the Hopper summary pass; the backward has its own
+    if run["kernels"]:     # the local stream prepared once; [M | S_ext] of its pieces from those factors
+        from qla_megatron.ops.gated_delta_rule.hopper import pieces
+        local = pieces.prepare_local(*flat, bounds, run["scale"], run["use_qk_l2norm_in_kernel"],
+                                     run["options"].intra_cp)
         fs = plan.fsend[rank]
         if not fs:
-            return k.new_zeros(0, HV, K, K + V, dtype=torch.float32), None
-        from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_summaries
-        return piece_summaries(*(_pieces(x, bounds, fs) for x in flat), _sub_bounds(bounds, fs),
-                               run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp), None
+            return k.new_zeros(0, HV, K, K + V, dtype=torch.float32), local
+        return _take(pieces.piece_summaries(local), fs), local
     send = sorted(set(plan.fsend[rank]) | set(plan.bsend[rank]))
     if not send:
         return k.new_zeros(0, HV, K, K + V, dtype=compute_dtype(k.dtype)), None
@@ -173,17 +182,25 @@ def forward_summaries(flat, plan: CPPlan, rank: int, run: dict):
     return fs, Mb
 
 
-def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict, keep_graph: bool = False):
+def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict, keep_graph: bool = False, local=None):
     """The rank's pieces from their start states (rows of Z = compose(plan.fwalk, ...), or None when
-    no sequence crosses a rank): (o [1, T, HV, V], h0 [P, HV, K, V], graph). keep_graph: the op runs
-    under autograd with its final states out, and graph = (leaves, o, final states) is what
-    backward_run differentiates (the op's own saved state: no recompute); else graph is None."""
+    no sequence crosses a rank): (o [1, T, HV, V], h0 [P, HV, K, V], graph). keep_graph: what the
+    backward runs from is kept as graph (else None): on the kernels (local: forward_summaries'
+    prepared stream) ("kernels", local, the op's ForwardSaved); otherwise the op runs under autograd
+    with its final states out and graph = (leaves, o, final states), which backward_run
+    differentiates (the op's own saved state: no recompute)."""
     k, v = flat[1], flat[2]
     HV, K, V = v.shape[2], k.shape[-1], v.shape[-1]
     bounds = plan.bounds[rank]
     P = len(bounds) - 1
-    like = k.new_zeros(1, HV, K, V, dtype=compute_dtype(k.dtype))
+    # Start states in the composition's dtype (fp32 from the compose kernel; the torch path's compute dtype).
+    dt = Z.dtype if Z is not None else (torch.float32 if run["kernels"] else compute_dtype(k.dtype))
+    like = k.new_zeros(1, HV, K, V, dtype=dt)
     h0 = _rows(plan.start_row[rank], Z, P, like) if Z is not None else like.new_zeros(P, HV, K, V)
+    if run["kernels"]:
+        from qla_megatron.ops.gated_delta_rule.hopper import pieces
+        o, saved = pieces.run_local(local, h0, keep_graph)
+        return o, h0, (("kernels", local, saved) if keep_graph else None)
     cu = _offsets(bounds, k.device)
     if not keep_graph:
         return _local(flat, h0, cu, run)[0], h0, None
@@ -193,19 +210,19 @@ def forward_run(flat, plan: CPPlan, rank: int, Z, run: dict, keep_graph: bool = 
     return o.detach(), h0, (leaves, o, fin)
 
 
-def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict):
+def backward_summaries(flat, dof, plan: CPPlan, rank: int, h0, Mb, run: dict, graph=None):
     """[M^T | dS_ext] [len(bsend), HV, K, K + V] of the rank's pieces that continue an earlier one:
     dS_ext the start adjoint of the piece's own outputs (linear in its start: the op's gradient at a
-    zero start)."""
+    zero start). On the kernels from forward_run's graph (the factors it saved); else Mb (the M
+    forward_summaries returned) and a backward of the continuing pieces."""
     HV, K, V = h0.shape[1:]
     bounds, bs = plan.bounds[rank], plan.bsend[rank]
     if not bs:
         return h0.new_zeros(0, HV, K, K + V)
-    if run["kernels"]:                 # the Hopper backward summary pass: [M^T | dS_ext] in one walk
-        from qla_megatron.ops.gated_delta_rule.hopper.pieces import piece_backward_summaries
-        q, k, _, g, beta = (_pieces(x, bounds, bs) for x in flat)
-        return piece_backward_summaries(q, k, _pieces(dof, bounds, bs), g, beta, _sub_bounds(bounds, bs),
-                                        run["scale"], run["use_qk_l2norm_in_kernel"], run["options"].intra_cp)
+    if run["kernels"]:                 # the Hopper backward summary pass from the forward's factors
+        from qla_megatron.ops.gated_delta_rule.hopper import pieces
+        _, local, saved = graph
+        return _take(pieces.piece_backward_summaries(local, saved, dof), bs)
     sub = [_pieces(x, bounds, bs) for x in flat]
     z = h0.new_zeros(len(bs), HV, K, V).requires_grad_(True)
     with torch.enable_grad():
@@ -220,6 +237,9 @@ def backward_run(dof, plan: CPPlan, rank: int, h0, D, graph):
     of its local stream."""
     P = len(plan.bounds[rank]) - 1
     dht = _rows(plan.end_row[rank], D, P, h0[:1]) if D is not None else torch.zeros_like(h0)
+    if graph[0] == "kernels":
+        from qla_megatron.ops.gated_delta_rule.hopper import pieces
+        return pieces.backward_local(graph[1], graph[2], dof, dht)
     leaves, o, fin = graph
     return torch.autograd.grad((o, fin), leaves, (dof.to(o.dtype), dht.to(fin.dtype)))
 
@@ -255,11 +275,13 @@ class _StatePassing(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, plan: CPPlan, rank, group, run):
         B, T = k.shape[:2]
         flat = [x.reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
-        fs, Mb = forward_summaries(flat, plan, rank, run)
+        fs, extra = forward_summaries(flat, plan, rank, run)      # extra: M (torch) or the prepared stream
         Z = compose_walk(plan.fwalk, _gather(fs, plan.Q, group), plan.NF, run["kernels"])
         # The op's graph only where a backward will follow (not under no_grad / for frozen inputs).
         keep = run["grad"] and any(ctx.needs_input_grad[:5])
-        o, h0, ctx.graph = forward_run(flat, plan, rank, Z, run, keep_graph=keep)
+        o, h0, ctx.graph = forward_run(flat, plan, rank, Z, run, keep_graph=keep,
+                                       local=extra if run["kernels"] else None)
+        Mb = None if run["kernels"] else extra
         ctx.save_for_backward(q, k, v, g, beta, h0, Mb)
         ctx.plan, ctx.rank, ctx.group, ctx.run = plan, rank, group, run
         return o.view(B, T, v.shape[2], v.shape[3])
@@ -271,7 +293,7 @@ class _StatePassing(torch.autograd.Function):
         B, T = k.shape[:2]
         flat = [x.detach().reshape((1, B * T) + tuple(x.shape[2:])) for x in (q, k, v, g, beta)]
         dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
-        bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run)
+        bsumm = backward_summaries(flat, dof, plan, rank, h0, Mb, run, ctx.graph)
         D = compose_walk(plan.bwalk, _gather(bsumm, plan.QB, ctx.group), plan.NB, run["kernels"])
         grads = backward_run(dof, plan, rank, h0, D, ctx.graph)
         ctx.graph = None

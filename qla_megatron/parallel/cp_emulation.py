@@ -69,12 +69,15 @@ class _Emulated(torch.autograd.Function):
         h0s, graphs = [], []
         keep = run["grad"] and any(ctx.needs_input_grad[:5])     # as cp.py: only where a backward follows
         for r, fl in enumerate(local):
-            o_r, h0, graph = forward_run(fl, plan, r, Z, run, keep_graph=keep)
+            o_r, h0, graph = forward_run(fl, plan, r, Z, run, keep_graph=keep,
+                                         local=sums[r][1] if run["kernels"] else None)
             o[:, idx[r]] = o_r
             h0s.append(h0)
             graphs.append(graph)
         ctx.save_for_backward(q, k, v, g, beta)
-        ctx.plan, ctx.run, ctx.idx, ctx.h0s, ctx.Mbs = plan, run, idx, h0s, [Mb for _, Mb in sums]
+        Mbs = [None if run["kernels"] else extra for _, extra in sums]   # extra: M, or the prepared stream
+        del sums
+        ctx.plan, ctx.run, ctx.idx, ctx.h0s, ctx.Mbs = plan, run, idx, h0s, Mbs
         ctx.graphs = graphs
         return o.view(v.shape)
 
@@ -87,7 +90,7 @@ class _Emulated(torch.autograd.Function):
         dof = do.reshape((1, B * T) + tuple(do.shape[2:]))
         local = [[x[:, i] for x in full] for i in idx]
         dlocal = [dof[:, i] for i in idx]
-        bsumm = [backward_summaries(fl, d, plan, r, ctx.h0s[r], ctx.Mbs[r], run)
+        bsumm = [backward_summaries(fl, d, plan, r, ctx.h0s[r], ctx.Mbs[r], run, ctx.graphs[r])
                  for r, (fl, d) in enumerate(zip(local, dlocal))]
         D = compose_walk(plan.bwalk, _stack(bsumm, plan.QB), plan.NB, run["kernels"])
         grads = [torch.empty_like(x) for x in full]

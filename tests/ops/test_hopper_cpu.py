@@ -393,10 +393,13 @@ def test_gate_threshold_is_the_kernels():
 
 def test_piece_summary_launchers(monkeypatch):
     """hopper/pieces.py on the CPU with its launches recorded: the pieces cut into segments as the
-    planner says, one summary row per segment (start, end, first chunk, 0, segment) over the plan's
-    chunk table, gate-driven as the config says, and each piece's segments folded (torch) into its
-    summary; uncut pieces are returned as summarised."""
+    planner says and prepared once over the plan's chunk table, one summary row per segment (start,
+    end, first chunk, 0, segment), forward and backward summaries from those factors, gate-driven as
+    the config says, and each piece's segments folded (torch) into its summary; uncut pieces are
+    returned as summarised."""
+    from types import SimpleNamespace
     from qla_megatron.ops.gated_delta_rule import segments
+    from qla_megatron.ops.gated_delta_rule.hopper import chunk as hchunk_mod
     from qla_megatron.ops.gated_delta_rule.hopper import pieces
     from qla_megatron.ops.gated_delta_rule.intra_cp import IntraCPConfig
 
@@ -405,7 +408,8 @@ def test_piece_summary_launchers(monkeypatch):
 
     def prepare(qf, kf, gf, bf, chunks, hv, scale, l2norm):
         seen["chunks"], seen["prepare"] = chunks.tolist(), (hv, scale, l2norm, tuple(qf.shape), tuple(gf.shape))
-        return None, None, None
+        seen["prepares"] = seen.get("prepares", 0) + 1
+        return "Ai", "P", "F"
 
     def summary_rows(segs, n_final, summary, gate_chunks):
         seen["segs"], seen["launch"] = segs.tolist(), (n_final, summary, gate_chunks)
@@ -413,11 +417,15 @@ def test_piece_summary_launchers(monkeypatch):
         return out.contiguous()
 
     monkeypatch.setattr(pieces, "_num_sms", lambda index: 132)
-    monkeypatch.setattr(pieces, "prepare", prepare)
+    monkeypatch.setattr(hchunk_mod, "prepare", prepare)
+
+    def factors(Ai, P, F):               # the summaries read the factors the stream was prepared with
+        assert (Ai, P, F) == ("Ai", "P", "F")
+
     monkeypatch.setattr(pieces, "forward", lambda q, k, v, Ai, P, F, segs, *, n_final, summary, gate_chunks:
-                        (None, summary_rows(segs, n_final, summary, gate_chunks)))
+                        factors(Ai, P, F) or (None, summary_rows(segs, n_final, summary, gate_chunks)))
     monkeypatch.setattr(pieces, "backward_dh", lambda q, k, do, Ai, P, F, segs, *, n_final, summary, gate_chunks:
-                        (None, summary_rows(segs, n_final, summary, gate_chunks), None))
+                        factors(Ai, P, F) or (None, summary_rows(segs, n_final, summary, gate_chunks), None))
     folded = []
     monkeypatch.setattr(pieces, "fold_summaries", lambda summ, plan, reverse=False: folded.append(
         (plan, reverse)) or segments.fold_summaries(summ, plan, reverse))
@@ -430,8 +438,11 @@ def test_piece_summary_launchers(monkeypatch):
                      (IntraCPConfig(segment_len=128, mode="exact"), True)):
         for bwd in (False, True):
             folded.clear()
-            out = (pieces.piece_backward_summaries(q, k, do, g, beta, bounds, None, True, cfg) if bwd else
-                   pieces.piece_summaries(q, k, v, g, beta, bounds, None, True, cfg))
+            seen["prepares"] = 0
+            local = pieces.prepare_local(q, k, v, g, beta, bounds, None, True, cfg)
+            saved = SimpleNamespace(Ai="Ai", P="P", F="F", config=cfg)
+            out = pieces.piece_backward_summaries(local, saved, do) if bwd else pieces.piece_summaries(local)
+            assert seen["prepares"] == 1
             plan = pieces.plan_segments(bounds, 128 if cut else None)
             assert seen["segs"] == [[plan.bounds[i], plan.bounds[i + 1], plan.chunk0[i], 0, i] for i in range(plan.NS)]
             assert seen["chunks"] == [list(c) for c in plan.chunks]

@@ -30,9 +30,9 @@ def test_graph_kept_only_for_a_backward(monkeypatch):
     import qla_megatron.parallel.cp_emulation as emu_mod
     kept, run = [], emu_mod.forward_run
 
-    def recording(*a, keep_graph):
+    def recording(*a, keep_graph, **kw):
         kept.append(keep_graph)
-        return run(*a, keep_graph=keep_graph)
+        return run(*a, keep_graph=keep_graph, **kw)
     monkeypatch.setattr(emu_mod, "forward_run", recording)
     full = make_inputs(1, 64, 1, 2, 8, 8, torch.float64, initial_state=False, requires_grad=True)[:5]
     for grad, inputs, want in ((False, full, False), (True, [t.detach() for t in full], False), (True, full, True)):
@@ -85,10 +85,12 @@ def test_emulated_on_hopper_kernels(world, layout, cu):
 
 
 def test_kernel_path_plumbing(monkeypatch):
-    """The path taken under backend "tilelang" (Hopper piece summaries, backward summaries and
-    compositions), with each kernel replaced by its torch reference, on the CPU: the same results as
-    the single-process op, so the pieces sent, their offsets and the [M | S_ext] / [M^T | dS_ext]
-    layouts the kernels must return are right. The kernels themselves: test_emulated_on_hopper_kernels."""
+    """The path taken under backend "tilelang" (hopper/pieces.py: the local stream prepared once, its
+    pieces' summaries, the run from composed starts, the backward summaries and the backward from the
+    same saved state; the compose kernel), with each step replaced by its torch reference, on the
+    CPU: the same results as the single-process op, so the rows sent and received, the start and end
+    adjoint rows and the [M | S_ext] / [M^T | dS_ext] layouts the kernels must return are right, and
+    every rank prepares its stream once a forward. The kernels themselves: test_emulated_on_hopper_kernels."""
     import qla_megatron.parallel.cp as cp_mod
     import qla_megatron.parallel.cp_emulation as emu_mod
     from qla_megatron.ops import segment_summary
@@ -96,28 +98,53 @@ def test_kernel_path_plumbing(monkeypatch):
 
     calls = []
 
-    def summaries(q, k, v, g, beta, bounds, scale, l2norm, cfg):
+    class Local:
+        def __init__(self, inputs, bounds, scale, l2norm):
+            self.inputs, self.cu, self.scale, self.l2norm = inputs, torch.tensor(bounds), scale, l2norm
+
+    def prepare_local(q, k, v, g, beta, bounds, scale, l2norm, cfg):
+        calls.append("prepare")
+        return Local((q, k, v, g, beta), bounds, scale, l2norm)
+
+    def piece_summaries(local):
         calls.append("fwd")
-        ext, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
+        _, k, v, g, beta = local.inputs
+        ext, M = segment_summary(k, v, g, beta, local.cu, use_qk_l2norm_in_kernel=local.l2norm)
         return torch.cat([M, ext], dim=-1)
 
-    def backward_summaries(q, k, do, g, beta, bounds, scale, l2norm, cfg):
-        calls.append("bwd")
-        v = torch.zeros(do.shape, dtype=q.dtype)
-        _, M = segment_summary(k, v, g, beta, torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
-        z = torch.zeros(len(bounds) - 1, M.shape[1], k.shape[-1], do.shape[-1], dtype=M.dtype, requires_grad=True)
+    def run_local(local, h0, keep):
+        assert h0.shape[0] == local.cu.numel() - 1
+        leaves = [t.detach().requires_grad_(True) for t in local.inputs]
         with torch.enable_grad():
-            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=z,
-                                          cu_seqlens=torch.tensor(bounds), use_qk_l2norm_in_kernel=l2norm)
+            o, fin = chunk_gated_delta_rule(*leaves, scale=local.scale, initial_state=h0.double(),
+                                            output_final_state=True, cu_seqlens=local.cu,
+                                            use_qk_l2norm_in_kernel=local.l2norm)
+        return o.detach(), ((leaves, o, fin) if keep else None)
+
+    def piece_backward_summaries(local, saved, do):
+        calls.append("bwd")
+        q, k, v, g, beta = local.inputs
+        _, M = segment_summary(k, torch.zeros_like(v), g, beta, local.cu, use_qk_l2norm_in_kernel=local.l2norm)
+        z = torch.zeros(local.cu.numel() - 1, M.shape[1], k.shape[-1], v.shape[-1], dtype=M.dtype,
+                        requires_grad=True)
+        with torch.enable_grad():
+            o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=local.scale, initial_state=z,
+                                          cu_seqlens=local.cu, use_qk_l2norm_in_kernel=local.l2norm)
             dext, = torch.autograd.grad(o, z, do)
         return torch.cat([M.transpose(-1, -2), dext], dim=-1)
+
+    def backward_local(local, saved, do, dht):
+        leaves, o, fin = saved
+        return torch.autograd.grad((o, fin), leaves, (do.to(o.dtype), dht.to(fin.dtype)))
 
     compose = cp_mod.compose
     monkeypatch.setattr(cp_mod, "on_kernels", lambda flat, run: True)
     monkeypatch.setattr(emu_mod, "on_kernels", lambda flat, run: True)
     monkeypatch.setattr(cp_mod, "compose", lambda *a, backend: compose(*a))
-    monkeypatch.setattr(pieces, "piece_summaries", summaries)
-    monkeypatch.setattr(pieces, "piece_backward_summaries", backward_summaries)
+    for name, fn in (("prepare_local", prepare_local), ("piece_summaries", piece_summaries),
+                     ("run_local", run_local), ("piece_backward_summaries", piece_backward_summaries),
+                     ("backward_local", backward_local)):
+        monkeypatch.setattr(pieces, name, fn)
     for world, layout, T_local, cu in [(4, "contiguous", 40, [0, 5, 120, 130, 160]), (4, "zigzag", 40, None),
                                        (2, "zigzag", 80, [0, 8, 136, 160])]:
         cu_t, full, do, o_ref, want = whole_sequence(world, T_local, cu)
@@ -125,7 +152,7 @@ def test_kernel_path_plumbing(monkeypatch):
         o = emulated_cp_chunk_gated_delta_rule(*full, cp=world, layout=layout, cu_seqlens=cu_t,
                                                use_qk_l2norm_in_kernel=True)
         got = torch.autograd.grad((o * do).sum(), full)
-        assert "fwd" in calls and "bwd" in calls
+        assert "fwd" in calls and "bwd" in calls and calls.count("prepare") == world   # once a rank
         assert rel(o, o_ref) <= 1e-10
         for name, a, b in zip(("q", "k", "v", "g", "beta"), got, want):
             assert rel(a, b) <= 1e-10, (layout, cu, name)

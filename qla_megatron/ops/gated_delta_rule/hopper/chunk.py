@@ -201,30 +201,63 @@ def flat_inputs(q, k, v, g, beta):
             beta.reshape(B * T, HV).float().contiguous())
 
 
+@dataclass
+class Prepared:
+    """The forward's first stage (forward_prepare): the plan, the token-major inputs and the chunk
+    factors, from which forward_main runs the rest for given start states (cross-GPU CP summarises
+    its pieces from the same factors in between: hopper/pieces.py)."""
+    plan: KernelTables
+    config: IntraCPConfig
+    flat: tuple                        # qf, kf, vf, gf, bf (flat_inputs)
+    Ai: torch.Tensor
+    P: torch.Tensor
+    F: torch.Tensor
+    scale: float
+    n_seqs: int
+    shape: tuple                       # (B, T, HV, V) of the output
+
+
+def forward_prepare(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm_in_kernel,
+                    intra_cp: Optional[IntraCPConfig] = None, tables: Optional[KernelTables] = None) -> Prepared:
+    """Plan (plan_for, or `tables` where the caller planned on the host) and prepare."""
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
+    plan = tables if tables is not None else plan_for(B, T, cu_seqlens, HV, K, V, cfg, k.device)
+    flat = flat_inputs(q, k, v, g, beta)
+    qf, kf, _, gf, bf = flat
+    scale = K ** -0.5 if scale is None else float(scale)
+    Ai, P, F = prepare(qf, kf, gf, bf, plan.chunks, HV, scale, bool(use_qk_l2norm_in_kernel))
+    return Prepared(plan, cfg, flat, Ai, P, F, scale, N, (B, T, HV, V))
+
+
+def forward_main(prep: Prepared, h0: Optional[torch.Tensor], output_final_state: bool,
+                 save_for_backward: bool = False):
+    """The rest of the forward from the sequences' start states h0 [N, HV, K, V] fp32 (None: zero):
+    (summary -> compose ->) the main pass. Returns (o, final_state) and with save_for_backward the
+    ForwardSaved."""
+    plan, cfg = prep.plan, prep.config
+    qf, kf, vf = prep.flat[:3]
+    if plan.sum_segs is not None:
+        summ = summarize(qf, kf, vf, prep.Ai, prep.P, prep.F, plan, gate_chunks=cfg.gate_chunks)
+        h0 = segments.compose(plan.walk, summ, h0, plan.NS, backend="tilelang")
+    o, ht = forward(qf, kf, vf, prep.Ai, prep.P, prep.F, plan.segs, h0=h0,
+                    n_final=prep.n_seqs if output_final_state else 0)
+    o = o.view(*prep.shape)
+    if save_for_backward:
+        return o, ht, ForwardSaved(plan, cfg, prep.Ai, prep.P, prep.F, h0, prep.scale, prep.n_seqs)
+    return o, ht
+
+
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                use_qk_l2norm_in_kernel, intra_cp: Optional[IntraCPConfig] = None,
                                save_for_backward: bool = False):
     """Hopper forward on validated inputs (see chunk.py for the arguments). Returns (o, final_state),
     and with save_for_backward a third item, the ForwardSaved the backward (backward.py) runs from."""
-    B, T, H, K = k.shape
-    HV, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
-    plan = plan_for(B, T, cu_seqlens, HV, K, V, cfg, k.device)
-
-    qf, kf, vf, gf, bf = flat_inputs(q, k, v, g, beta)
-    scale = K ** -0.5 if scale is None else float(scale)
+    prep = forward_prepare(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm_in_kernel, intra_cp)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-
-    Ai, P, F = prepare(qf, kf, gf, bf, plan.chunks, HV, scale, bool(use_qk_l2norm_in_kernel))
-    if plan.sum_segs is not None:
-        summ = summarize(qf, kf, vf, Ai, P, F, plan, gate_chunks=cfg.gate_chunks)
-        h0 = segments.compose(plan.walk, summ, h0, plan.NS, backend="tilelang")
-    o, ht = forward(qf, kf, vf, Ai, P, F, plan.segs, h0=h0, n_final=N if output_final_state else 0)
-    o = o.view(B, T, HV, V)
-    if save_for_backward:
-        return o, ht, ForwardSaved(plan, cfg, Ai, P, F, h0, scale, N)
-    return o, ht
+    return forward_main(prep, h0, output_final_state, save_for_backward)
 
 
 def _gate_chunks(gate_chunks: Optional[int]) -> int:
