@@ -169,14 +169,14 @@ def _plan_segment_len(seq_lens: tuple, HV: int, K: int, V: int, num_sms: int, BV
     walks = 1.0 + cfg.backward_walk_cost
     best, best_t = None, walks * _pass_time(_programs(chunks, longest, HV * main_progs), slots)
     seen = {longest}
+    # Summaries for every segment with a successor; gate mode: warm-up walks (decaying heads).
+    walk = (lambda L: min(L, cfg.warmup_chunks)) if cfg.mode == "gate" else None
     for n_seg in range(2, longest // max(1, cfg.min_segment_chunks) + 1):
         seg = -(-longest // n_seg)                          # the longest sequence in n_seg segments
         if seg in seen or seg < cfg.min_segment_chunks:
             continue
         seen.add(seg)
-        # Summaries for every segment with a successor; gate mode: warm-up walks (decaying heads).
         with_next = [(nc - 1) // seg * seg for nc in chunks]
-        walk = (lambda L: min(L, cfg.warmup_chunks)) if cfg.mode == "gate" else None
         summ = _pass_time(_programs([c for c in with_next if c], seg, HV * sum_progs, walk), slots)
         steps = max((nc - 1) // seg for nc in chunks)      # sequential composition steps
         t = (walks * _pass_time(_programs(chunks, seg, HV * main_progs), slots)

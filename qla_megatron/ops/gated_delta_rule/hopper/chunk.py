@@ -27,7 +27,7 @@ import contextvars
 import functools
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -218,13 +218,18 @@ class Prepared:
 
 
 def forward_prepare(q, k, v, g, beta, scale, cu_seqlens, use_qk_l2norm_in_kernel,
-                    intra_cp: Optional[IntraCPConfig] = None, tables: Optional[KernelTables] = None) -> Prepared:
-    """Plan (plan_for, or `tables` where the caller planned on the host) and prepare."""
+                    intra_cp: Optional[IntraCPConfig] = None,
+                    planned: Optional[Tuple[KernelTables, int]] = None) -> Prepared:
+    """Plan (plan_for from the shapes and cu_seqlens, or `planned` = (tables, number of sequences)
+    where the caller planned on the host; cu_seqlens is then not read) and prepare."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     cfg = intra_cp if intra_cp is not None else IntraCPConfig.from_env()
-    plan = tables if tables is not None else plan_for(B, T, cu_seqlens, HV, K, V, cfg, k.device)
+    if planned is not None:
+        plan, N = planned
+    else:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        plan = plan_for(B, T, cu_seqlens, HV, K, V, cfg, k.device)
     flat = flat_inputs(q, k, v, g, beta)
     qf, kf, _, gf, bf = flat
     scale = K ** -0.5 if scale is None else float(scale)

@@ -64,8 +64,7 @@ def prepare_local(q, k, v, g, beta, bounds, scale, l2norm, cfg: IntraCPConfig) -
     seg_len = plan_segment_len(lens, HV, K, V, _num_sms(k.device.index or 0), BV=bv_main(V), config=cfg)
     plan = plan_segments(bounds, seg_len if seg_len is not None and seg_len < max(lens) else None)
     tables, segs = _tables(plan, k.device)
-    cu = torch.tensor(bounds, dtype=torch.int64, device=k.device)
-    prep = forward_prepare(q, k, v, g, beta, scale, cu, l2norm, cfg, tables=tables)
+    prep = forward_prepare(q, k, v, g, beta, scale, None, l2norm, cfg, planned=(tables, plan.N))
     return Local((q, k, v, g, beta), plan, segs, prep, bool(l2norm))
 
 
