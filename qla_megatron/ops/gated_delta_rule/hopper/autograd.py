@@ -37,7 +37,7 @@ class HopperGatedDeltaRule(torch.autograd.Function):
         dq, dk, dv, dg, db, dh0 = chunk_gated_delta_rule_bwd(ctx.saved, q, k, v, g, beta, do, dht, ctx.l2norm)
         ctx.saved = None
         dh0 = dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
-        return (dq, dk, dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype), dh0) + (None,) * 5
+        return (dq, dk, dv, dg, db, dh0) + (None,) * 5
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,

@@ -87,8 +87,8 @@ def backward_grads(q, k, v, do, g, beta, chunks, Ai, P, states, dstates, sdc, sc
 def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: Optional[torch.Tensor],
                                use_qk_l2norm_in_kernel: bool):
     """Gradients of the Hopper forward that produced `saved`, for the output gradient do [B, T, HV, V]
-    and the final-state gradient dht [N, HV, K, V] (None: zero). Returns dq, dk, dv, dg, dbeta (in the
-    shapes of q, k, v, g, beta; dg, dbeta fp32) and dh0 [N, HV, K, V] fp32."""
+    and the final-state gradient dht [N, HV, K, V] (None: zero). Returns dq, dk, dv, dg, dbeta in the
+    shapes and dtypes of q, k, v, g, beta, and dh0 [N, HV, K, V] fp32."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     plan, cfg = saved.plan, saved.config
@@ -106,5 +106,5 @@ def chunk_gated_delta_rule_bwd(saved: ForwardSaved, q, k, v, g, beta, do, dht: O
                                n_final=saved.n_seqs, dstates=dstates, states=states, starts=saved.starts)
     dq, dk, dg, db = backward_grads(qf, kf, vf, dof, gf, bf, plan.chunks, saved.Ai, saved.P, states, dstates,
                                     sdc, saved.scale, bool(use_qk_l2norm_in_kernel))
-    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, HV, V), dg.view(B, T, HV),
-            db.view(B, T, HV), dh0)
+    return (dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, HV, V).to(v.dtype),
+            dg.view(B, T, HV).to(g.dtype), db.view(B, T, HV).to(beta.dtype), dh0)

@@ -100,7 +100,4 @@ def piece_backward_summaries(local: Local, saved: ForwardSaved, do: torch.Tensor
 def backward_local(local: Local, saved: ForwardSaved, do: torch.Tensor, dht: torch.Tensor):
     """Gradients of q, k, v, g, beta (their shapes and dtypes) of the pieces' outputs for do and the
     pieces' end adjoints dht [P, HV, K, V]."""
-    q, k, v, g, beta = local.inputs
-    dq, dk, dv, dg, db, _ = chunk_gated_delta_rule_bwd(saved, q, k, v, g, beta, do, dht.float().contiguous(),
-                                                       local.l2norm)
-    return dq, dk, dv.to(v.dtype), dg.to(g.dtype), db.to(beta.dtype)
+    return chunk_gated_delta_rule_bwd(saved, *local.inputs, do, dht, local.l2norm)[:5]
