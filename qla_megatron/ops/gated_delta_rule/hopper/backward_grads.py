@@ -4,6 +4,12 @@ state) come out of the adjoint walk).
 
 One program per (chunk, qk-head), 256 threads; it walks the v-heads of its qk-head one after another
 and sums their dq, dk in registers: grouped value heads reduce without atomics, deterministic.
+S, dS and ten other tiles take ~205 KB of shared memory and the fragments 255 registers a thread, so
+one program runs on an SM at a time and nothing hides its loads: on an H100 at 32/16 x 32k, 21 % of
+Nsight Compute's stall samples wait on a v-head's loads, 8 % on q, k and 25 % on barriers
+(benchmarks/results/ncu_h100.md). The gates of all the group's v-heads are summed once per program
+(not per v-head, by two warps while six wait), the dg scans run in one warp with shuffles, and
+independent products (KS and QS, dLg and dP) are issued together and waited for once.
 
 Per v-head (C = 64 tokens; Kn, Qn the l2-normalised k, q rows, in bf16 like the forward reads them;
 gam = exp(G), e = exp(G_C - G), gC = exp(G_C), Gamma_ij = exp(G_i - G_j) for i >= j, each the exp of
@@ -121,8 +127,17 @@ def backward_grads_kernel(
             P_s = T.alloc_shared((C, C), dtype)
             M1_s = T.alloc_shared((C, C), dtype)      # Ai diag(b), then sc Gamma . dP
             dKK_s = T.alloc_shared((C, C), dtype)
+            # The gates of every v-head of the group, set up once per program (the prologue below), and
+            # the current v-head's row of each: the loops over a v-head index 1-D arrays, whose extent
+            # the barrier placement can see (indexed by the v-head, it put barriers inside them).
+            g_raw = T.alloc_shared((GQ, C), acc)
+            G_all = T.alloc_shared((GQ, C), acc)
+            gam_all = T.alloc_shared((GQ, C), acc)
+            e_all = T.alloc_shared((GQ, C), acc)
+            b_all = T.alloc_shared((GQ, C), acc)
             G_s = T.alloc_shared((C,), acc)           # cumulative gate (natural units)
-            g_raw = T.alloc_shared((C,), acc)
+            gam_s = T.alloc_shared((C,), acc)         # exp(G_i)
+            e_s = T.alloc_shared((C,), acc)           # exp(G_C - G_i)
             b_s = T.alloc_shared((C,), acc)
             dG_s = T.alloc_shared((C,), acc)
             ed_s = T.alloc_shared((C,), acc)          # e_i <Kn dS, Vd>_i
@@ -153,9 +168,11 @@ def backward_grads_kernel(
             r_sd = T.alloc_fragment((C,), acc)       # S . dS, K rows folded onto C
             db_s = T.alloc_shared((C,), acc)
             run = T.alloc_local((1,), acc)
-            edx_s = T.alloc_shared((C,), acc)         # ed_s shifted by one: its inclusive scan is exclusive
-            gam_s = T.alloc_shared((C,), acc)         # exp(G_i)
-            e_s = T.alloc_shared((C,), acc)           # exp(G_C - G_i)
+            # The dg epilogue's warp scans (module docstring): suffix sums of dG, prefix sums of ed, the total
+            # of <S, dS>, two tokens a lane.
+            suf = T.alloc_local((1,), acc)
+            pre = T.alloc_local((1,), acc)
+            tot = T.alloc_local((1,), acc)
             # exp(G_i) in registers, in the row layout of the [C, V] fragments, for the loop that also
             # stores to shared memory (which would otherwise reload it for every element).
             gam_v = T.alloc_fragment((C,), acc)
@@ -167,14 +184,30 @@ def backward_grads_kernel(
             T.clear(dQn)
             T.clear(dKn)
 
+            # Gates of the group's v-heads, once (not per v-head, where two warps would walk the sums while
+            # six wait): G by an inclusive prefix sum, one (v-head, token) a thread, the same additions in
+            # the same order as prepare.py's (masked terms add +0), so Gamma here is bit for bit the Gamma in
+            # Ai and P (a warp scan's different order moved dg by 1e-2 on decaying heads); then the gate
+            # factors of each row, exp'd once.
+            for hi, i in T.Parallel(GQ, C):
+                g_raw[hi, i] = T.if_then_else(i < n, g[t0 + i, hk * GQ + hi], 0.0)
+                b_all[hi, i] = T.if_then_else(i < n, beta[t0 + i, hk * GQ + hi], 0.0)
+            for base in range((GQ * C + threads - 1) // threads):
+                idx = base * threads + tx
+                if idx < GQ * C:
+                    run[0] = 0.0
+                    for j in T.unroll(C):
+                        run[0] = run[0] + T.if_then_else(j <= idx % C, g_raw[idx // C, j], 0.0)
+                    G_all[idx // C, idx % C] = run[0]
+            for hi, i in T.Parallel(GQ, C):
+                gam_all[hi, i] = T.exp2(G_all[hi, i] * LOG2E)
+                e_all[hi, i] = T.exp2((G_all[hi, C - 1] - G_all[hi, i]) * LOG2E)
+
             # A chunk row without valid tokens (a padding row of a packed plan) walks no v-head: it
             # writes nothing either way. Not for GQ = 1, where a loop of one static step is no loop
             # and the shared-memory plan of the kernel as measured (191 KB at 32/32) would change.
             for hi in T.serial(GQ if GQ == 1 else T.if_then_else(n > 0, GQ, 0)):
                 hv = hk * GQ + hi
-                for i in T.Parallel(C):
-                    g_raw[i] = T.if_then_else(i < n, g[t0 + i, hv], 0.0)
-                    b_s[i] = T.if_then_else(i < n, beta[t0 + i, hv], 0.0)
                 T.copy(states[ic, hv, :, :], S_s)
                 T.copy(dstates[ic, hv, :, :], dS_s)
                 for i, d in T.Parallel(C, V):
@@ -182,23 +215,16 @@ def backward_grads_kernel(
                     dO_s[i, d] = T.if_then_else(i < n, do[t0 + i, hv, d], T.cast(0, dtype))
                 T.copy(Ai[ic, hv, :, :], Ai_s)
                 T.copy(P[ic, hv, :, :], P_s)
-                # Inclusive prefix sum of g, one token a thread: the same additions in the same order as
-                # prepare.py's (masked terms add +0), so Gamma here is bit for bit the Gamma in Ai and P (a
-                # warp scan's different order moved dg by 1e-2 on decaying heads); then the gate factors
-                # of each row, exp'd once.
-                if tx < C:
-                    run[0] = 0.0
-                    for j in T.unroll(C):
-                        run[0] = run[0] + T.if_then_else(j <= tx, g_raw[j], 0.0)
-                    G_s[tx] = run[0]
                 for i in T.Parallel(C):
-                    gam_s[i] = T.exp2(G_s[i] * LOG2E)
-                    e_s[i] = T.exp2((G_s[C - 1] - G_s[i]) * LOG2E)
+                    G_s[i] = G_all[hi, i]
+                    gam_s[i] = gam_all[hi, i]
+                    e_s[i] = e_all[hi, i]
+                    b_s[i] = b_all[hi, i]
                 for i in T.Parallel(C):
                     gam_v[i] = gam_s[i]
 
                 # Forward terms: KS, QS, Y, Vd.
-                T.gemm(Kn_s, S_s, F1, clear_accum=True)
+                T.wgmma_gemm(Kn_s, S_s, F1, clear_accum=True)      # waited for by the next T.gemm
                 T.gemm(Qn_s, S_s, F2, clear_accum=True)
                 for i, d in T.Parallel(C, V):
                     W1[i, d] = T.cast(dO_s[i, d], acc) * F2[i, d]
@@ -240,7 +266,7 @@ def backward_grads_kernel(
                     X_s[i, d] = T.cast(F3[i, d], dtype)
 
                 # The in-chunk matrices: dLg from T Vd^T, dP from dO Vd^T.
-                T.gemm(X_s, Vd_s, R1, transpose_B=True, clear_accum=True)
+                T.wgmma_gemm(X_s, Vd_s, R1, transpose_B=True, clear_accum=True)
                 T.gemm(dO_s, Vd_s, R2, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     gam_ij = T.if_then_else(i >= j, T.exp2((G_s[i] - G_s[j]) * LOG2E), 0.0)
@@ -286,19 +312,36 @@ def backward_grads_kernel(
                 T.gemm(dKK_s, Kn_s, dKn)
                 T.gemm(dKK_s, Kn_s, dKn, transpose_A=True)
 
-                # dg_t = sum_{j >= t} dG_j + gC <S, dS> + sum_{j < t} e_j <Kn dS, Vd>_j (module
-                # docstring: the e terms enter as an exclusive prefix sum, not as a total minus a
-                # suffix, which would cancel catastrophically where e_t ~ 1 and dg_t ~ 0); dbeta.
-                # Three warp scans: dG reversed, ed shifted by one (exclusive), sd (its last entry the total).
-                for i in T.Parallel(C):
-                    edx_s[i] = T.if_then_else(i > 0, ed_s[T.max(i - 1, 0)], 0.0)
-                T.cumsum(src=dG_s, dst=dG_s, dim=0, reverse=True)
-                T.cumsum(src=edx_s, dst=edx_s, dim=0)
-                T.cumsum(src=sd_s, dst=sd_s, dim=0)
-                for i in T.Parallel(C):
-                    if i < n:
-                        dg[t0 + i, hv] = dG_s[i] + edx_s[i] + gam_s[C - 1] * sd_s[C - 1]
-                        dbeta[t0 + i, hv] = db_s[i]
+                # dg_t = sum_{j >= t} dG_j + gC <S, dS> + sum_{j < t} e_j <Kn dS, Vd>_j (module docstring:
+                # the e terms enter as an exclusive prefix sum, not as a total minus a suffix, which would
+                # cancel catastrophically where e_t ~ 1 and dg_t ~ 0); dbeta. One warp, tokens 2l and 2l + 1
+                # on lane l: a suffix scan of dG, a prefix scan of ed and the total of <S, dS> over the lanes
+                # by shuffles (three block-wide scans before), each token's sums then formed by additions
+                # only.
+                if tx < 32:
+                    suf[0] = dG_s[2 * tx] + dG_s[2 * tx + 1]
+                    pre[0] = ed_s[2 * tx] + ed_s[2 * tx + 1]
+                    tot[0] = sd_s[2 * tx] + sd_s[2 * tx + 1]
+                    for k in range(5):
+                        ys = T.shfl_down(suf[0], 1 << k)
+                        yp = T.shfl_up(pre[0], 1 << k)
+                        yt = T.shfl_xor(tot[0], 1 << k)
+                        suf[0] = suf[0] + T.if_then_else(tx + (1 << k) < 32, ys, 0.0)
+                        pre[0] = pre[0] + T.if_then_else(tx >= (1 << k), yp, 0.0)
+                        tot[0] = tot[0] + yt
+                    # suf: dG over tokens >= 2 l; pre: ed over tokens <= 2 l + 1. The next lane's suffix and
+                    # the previous lane's prefix give each token's sums without a subtraction.
+                    ys = T.shfl_down(suf[0], 1)
+                    yp = T.shfl_up(pre[0], 1)
+                    r1 = dG_s[2 * tx + 1] + T.if_then_else(tx < 31, ys, 0.0)
+                    e0 = T.if_then_else(tx > 0, yp, 0.0)
+                    end = gam_s[C - 1] * tot[0]
+                    if 2 * tx < n:
+                        dg[t0 + 2 * tx, hv] = dG_s[2 * tx] + r1 + e0 + end
+                        dbeta[t0 + 2 * tx, hv] = db_s[2 * tx]
+                    if 2 * tx + 1 < n:
+                        dg[t0 + 2 * tx + 1, hv] = r1 + e0 + ed_s[2 * tx] + end
+                        dbeta[t0 + 2 * tx + 1, hv] = db_s[2 * tx + 1]
 
             # Through the l2norm: dx = R (dXn - Xn <Xn, dXn>).
             if l2norm:
