@@ -1,0 +1,129 @@
+"""A/B of the backward's gradient kernel (hopper/backward_grads.py) against another version of it, in
+one device call: same random inputs, outputs poisoned with NaN before each launch, do_bench medians,
+and the relative L2 difference of every output from the baseline's. For kernel work on a GPU lent by
+the minute: the candidate's outputs must equal the verified baseline's (up to summation order) before
+the float64 suite is worth a call.
+
+    git show HEAD~1:qla_megatron/ops/gated_delta_rule/hopper/backward_grads.py > .gpu/grads_base.py
+    python benchmarks/grads_ab.py build --baseline .gpu/grads_base.py     # here: compile both for sm_90a
+    # device call, carry [".gpu"]:
+    source .gpu/env.sh && python benchmarks/grads_ab.py time --baseline .gpu/grads_base.py
+    source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \\
+        -k regex:kernel_kernel --section SourceCounters -o grads python benchmarks/grads_ab.py profile
+
+`build` compiles into .gpu/grads_ab_cache (carried with .gpu; `time` copies it into TileLang's cache),
+so the device spends no time compiling. Inputs are random (S, dS, Ai, P too): the timing is the
+kernel's on data of the right shapes, not a check of its mathematics (tests/ops/test_hopper_backward.py
+does that against the float64 recurrence). The last chunk holds 37 tokens, so masked rows are covered.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CACHE = os.path.join(ROOT, ".gpu", "grads_ab_cache")
+K = 128
+
+
+def factories(baseline):
+    from qla_megatron.ops.gated_delta_rule.hopper.backward_grads import backward_grads_kernel
+    out = [("current", backward_grads_kernel)]
+    if baseline:
+        spec = importlib.util.spec_from_file_location("grads_baseline", baseline)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        out.append(("baseline", mod.backward_grads_kernel))
+    return out
+
+
+def heads(arg):
+    """'HV/H,...' -> [(H, HV), ...]"""
+    return [tuple(int(x) for x in c.split("/"))[::-1] for c in arg.split(",")]
+
+
+def build(args):
+    from benchmarks.hopper_compile_cpu import stub_libcuda
+    stub_libcuda()
+    os.environ["TILELANG_CACHE_DIR"] = CACHE
+    os.environ["TILELANG_DEFAULT_TARGET"] = json.dumps({"kind": "cuda", "arch": "sm_90a"})
+    for H, HV in heads(args.heads):
+        for name, fac in factories(args.baseline):
+            t = time.time()
+            fac(H, HV, K, K, "bfloat16", l2norm=True)
+            print(f"{HV}/{H} {name}: {time.time() - t:.0f} s", flush=True)
+
+
+def inputs(H, HV, T, dev="cuda"):
+    import torch
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, device=dev, generator=gen) * scale).bfloat16()
+    NC = T // 64
+    n = torch.full((NC,), 64, device=dev)
+    n[-1] = 37
+    chunks = torch.stack([torch.arange(NC, device=dev) * 64, n], 1).int().contiguous()
+    # decays from weak to strong across the v-heads
+    g = -torch.rand(T, HV, device=dev, generator=gen) * torch.linspace(0.01, 3, HV, device=dev)
+    beta = torch.rand(T, HV, device=dev, generator=gen)
+    return (rnd(T, H, K), rnd(T, H, K), rnd(T, HV, K), rnd(T, HV, K), g, beta, chunks,
+            rnd(NC, HV, 64, 64, scale=0.1), rnd(NC, HV, 64, 64, scale=0.1), rnd(NC, HV, K, K, scale=0.1),
+            rnd(NC, HV, K, K, scale=0.1), torch.randn(NC, HV, K, device=dev, generator=gen) * 1e-3, K ** -0.5)
+
+
+def poisoned(H, HV, T, dev="cuda"):
+    import torch
+    nan = float("nan")
+    return [torch.full((T, H, K), nan, device=dev).bfloat16(), torch.full((T, H, K), nan, device=dev).bfloat16(),
+            torch.full((T, HV), nan, device=dev), torch.full((T, HV), nan, device=dev)]
+
+
+def run(args):
+    import torch
+    import triton
+    if os.path.isdir(CACHE):
+        shutil.copytree(CACHE, os.environ.get("TILELANG_CACHE_DIR", os.path.expanduser("~/.tilelang/cache")),
+                        dirs_exist_ok=True)
+    for H, HV in heads(args.heads):
+        x = inputs(H, HV, args.tokens)
+        ref = None
+        for name, fac in factories(args.baseline if args.cmd == "time" else None):
+            kern = fac(H, HV, K, K, "bfloat16", l2norm=True)
+            out = poisoned(H, HV, args.tokens)
+            kern(*x, *out)
+            torch.cuda.synchronize()
+            if args.cmd == "profile":
+                torch.cuda.profiler.start()
+                kern(*x, *out)
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
+                return
+            res = [o.float().clone() for o in out]
+            nans = ",".join(str(int(torch.isnan(r).sum())) for r in res)   # the masked rows only
+            ms = triton.testing.do_bench(lambda: kern(*x, *out), warmup=20, rep=100, return_mode="median")
+            res = [torch.nan_to_num(r, nan=0.0) for r in res]
+            diff = ""
+            if ref is not None:
+                diff = "  rel. diff dq dk dg dbeta from current: " + " ".join(
+                    f"{float((a - b).norm() / b.norm()):.2e}" for a, b in zip(ref, res))
+            ref = ref if ref is not None else res
+            print(f"{HV}/{H} 1x{args.tokens} {name:9s} {ms:.4f} ms  NaN (masked rows) dq dk dg dbeta: {nans}{diff}",
+                  flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("cmd", choices=("build", "time", "profile"))
+    ap.add_argument("--baseline", default=None, help="another version of backward_grads.py to compare with")
+    ap.add_argument("--heads", default="32/16,8/2", help="v-heads/qk-heads, comma-separated")
+    ap.add_argument("--tokens", type=int, default=32768)
+    args = ap.parse_args()
+    build(args) if args.cmd == "build" else run(args)
+
+
+if __name__ == "__main__":
+    main()
