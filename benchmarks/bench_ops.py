@@ -13,6 +13,8 @@ write dq, dk, dv, dg, dbeta) and twice the forward's FLOPs.
     source .gpu/env.sh && python benchmarks/bench_ops.py --out benchmarks/results/ops_h200
 
 Options: --configs 8/2,16/4 (v-heads/qk-heads), --lengths 1x8192,varlen, --peers fla,flashqla,
+--warm-fla (first compile FLA's Triton kernels for every config at once, one process a config: a
+fresh host compiles them for 70-90 s a config, one after another, in the measuring process),
 --flashqla-configs 32/16,8/2 and --flashqla-lengths 1x32768 (FlashQLA compiles for minutes per new
 shape; the others are marked not run), --modes fwd,fwdbwd. err = rel. L2 of ours vs FLA (o, and the largest over dq, dk, dv, dg, dbeta).
 """
@@ -131,6 +133,53 @@ def measure(fn, inputs, cu, do, dht, modes):
     return res
 
 
+def warm_fla(configs, lengths):
+    """Compile FLA's kernels for every config in parallel processes (one each) before measuring, into
+    Triton's on-disk cache, where the measuring process then finds them. One fwd+bwd per config at
+    each kind of length: a fixed-length batch (its T only matters modulo 16) and, if asked for, the
+    packed mix. Returns the seconds it took."""
+    import subprocess
+    kinds = sorted({"varlen" if s == "varlen" else "1x8192" for s in lengths.split(",")})
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--warm-one", cfg, "--lengths", ",".join(kinds)])
+             for cfg in configs.split(",")]
+    bad = [cfg for cfg, p in zip(configs.split(","), procs) if p.wait() != 0]
+    print(f"FLA kernels for {configs} ({','.join(kinds)}) compiled in parallel: {time.time() - t0:.0f} s"
+          + (f"; failed for {bad}" if bad else ""), flush=True)
+    return time.time() - t0
+
+
+def warm_one(cfg, lengths):
+    # Autotune timings taken here, beside the other configs' processes, are not stored: where Triton's
+    # cache has no choice yet, the measuring process tunes alone (the candidates are compiled by then).
+    import triton.runtime.autotuner as at
+    disk = at.get_cache_manager
+
+    class ReadOnly:
+        def __init__(self, key):
+            self.m = disk(key)
+
+        def get_file(self, name):
+            return self.m.get_file(name)
+
+        def put(self, *a, **k):
+            return None
+    at.get_cache_manager = ReadOnly
+    fns, _ = runners(["fla"])
+    HV, H = map(int, cfg.split("/"))
+    for shape in lengths.split(","):
+        cu = None
+        if shape == "varlen":
+            B, T = 1, sum(VARLEN)
+            cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
+        else:
+            B, T = map(int, shape.split("x"))
+        leaves = [t.requires_grad_(True) if t.is_floating_point() else t for t in make(B, T, H, HV)]
+        o, s = fns["fla"](*leaves, cu)
+        torch.autograd.grad((o, s), leaves, (torch.randn_like(o), torch.randn_like(s)))
+    torch.cuda.synchronize()
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
@@ -144,13 +193,19 @@ def main():
     ap.add_argument("--flashqla-lengths", default=None, help="the lengths FlashQLA runs at (default: all)")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--out", default=None, help="path prefix for the .md table and .png plot")
+    ap.add_argument("--warm-fla", action="store_true", help="compile FLA's kernels for all configs in parallel first")
+    ap.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)   # a --warm-fla worker: one config
     args = ap.parse_args()
+    if args.warm_one:
+        return warm_one(args.warm_one, args.lengths)
     modes = set(args.modes.split(","))
     if not modes <= {"fwd", "fwdbwd"}:
         raise ValueError(f"--modes {args.modes!r}: choose from fwd, fwdbwd")
     torch.backends.cuda.matmul.allow_tf32 = False
-    bw, rate = ceilings()
     fns, versions = runners(args.peers.split(",") if args.peers != "none" else [])
+    if args.warm_fla and "fla" in fns:
+        warm_fla(args.configs, args.lengths)
+    bw, rate = ceilings()
     fq_ok = set(args.flashqla_configs.split(",")) if args.flashqla_configs else set()
     fq_len = set(args.flashqla_lengths.split(",")) if args.flashqla_lengths else None
     card = torch.cuda.get_device_name()

@@ -1,11 +1,13 @@
-"""A/B of the backward's gradient kernel (hopper/backward_grads.py) against another version of it, in
-one device call: same random inputs, outputs poisoned with NaN before each launch, do_bench medians,
-and the relative L2 difference of every output from the baseline's. For kernel work on a GPU lent by
-the minute: the candidate's outputs must equal the verified baseline's (up to summation order) before
-the float64 suite is worth a call.
+"""A/B of the backward's gradient kernel (hopper/backward_grads.py) against other versions of it, in
+one device call: same random inputs, outputs poisoned with NaN before each launch, do_bench medians
+in interleaved rounds, the relative L2 difference of every output from the checkout's, and whether
+20 reruns give the same bits (a race would not). For kernel work on a GPU lent by the minute: the
+candidate's outputs must equal the verified baseline's (up to summation order) before the float64
+suite is worth a call.
 
     git show HEAD~1:qla_megatron/ops/gated_delta_rule/hopper/backward_grads.py > .gpu/grads_base.py
     python benchmarks/grads_ab.py build --baseline .gpu/grads_base.py     # here: compile both for sm_90a
+    # (--variant FILE, repeatable: more candidates, each timed against the checkout's kernel)
     # device call, carry [".gpu"]:
     source .gpu/env.sh && python benchmarks/grads_ab.py time --baseline .gpu/grads_base.py
     source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \\
@@ -31,14 +33,18 @@ CACHE = os.path.join(ROOT, ".gpu", "grads_ab_cache")
 K = 128
 
 
-def factories(baseline):
+def factories(baseline, variants=()):
+    """[(name, kernel factory)]: the checkout's kernel first, then the baseline's, then each variant's
+    (named by its file)."""
     from qla_megatron.ops.gated_delta_rule.hopper.backward_grads import backward_grads_kernel
     out = [("current", backward_grads_kernel)]
-    if baseline:
-        spec = importlib.util.spec_from_file_location("grads_baseline", baseline)
+    files = ([("baseline", baseline)] if baseline else []) + [
+        (os.path.splitext(os.path.basename(f))[0], f) for f in variants]
+    for name, path in files:
+        spec = importlib.util.spec_from_file_location(f"grads_{name}", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        out.append(("baseline", mod.backward_grads_kernel))
+        out.append((name, mod.backward_grads_kernel))
     return out
 
 
@@ -53,7 +59,7 @@ def build(args):
     os.environ["TILELANG_CACHE_DIR"] = CACHE
     os.environ["TILELANG_DEFAULT_TARGET"] = json.dumps({"kind": "cuda", "arch": "sm_90a"})
     for H, HV in heads(args.heads):
-        for name, fac in factories(args.baseline):
+        for name, fac in factories(args.baseline, args.variant):
             t = time.time()
             fac(H, HV, K, K, "bfloat16", l2norm=True)
             print(f"{HV}/{H} {name}: {time.time() - t:.0f} s", flush=True)
@@ -90,8 +96,8 @@ def run(args):
                         dirs_exist_ok=True)
     for H, HV in heads(args.heads):
         x = inputs(H, HV, args.tokens)
-        ref = None
-        for name, fac in factories(args.baseline if args.cmd == "time" else None):
+        ref, kerns = None, []
+        for name, fac in factories(*((args.baseline, args.variant) if args.cmd == "time" else (None,))):
             kern = fac(H, HV, K, K, "bfloat16", l2norm=True)
             out = poisoned(H, HV, args.tokens)
             kern(*x, *out)
@@ -104,14 +110,27 @@ def run(args):
                 return
             res = [o.float().clone() for o in out]
             nans = ",".join(str(int(torch.isnan(r).sum())) for r in res)   # the masked rows only
-            ms = triton.testing.do_bench(lambda: kern(*x, *out), warmup=20, rep=100, return_mode="median")
             res = [torch.nan_to_num(r, nan=0.0) for r in res]
-            diff = ""
+            # A race shows as reruns that differ: the outputs of 20 more launches against the first's.
+            same = True
+            for _ in range(20):
+                kern(*x, *out)
+                same = same and all(torch.equal(torch.nan_to_num(o.float(), nan=0.0), r) for o, r in zip(out, res))
+            diff = f"  20 reruns bit-identical: {'yes' if same else 'NO'}"
             if ref is not None:
-                diff = "  rel. diff dq dk dg dbeta from current: " + " ".join(
+                diff += "  rel. diff dq dk dg dbeta from current: " + " ".join(
                     f"{float((a - b).norm() / b.norm()):.2e}" for a, b in zip(ref, res))
             ref = ref if ref is not None else res
-            print(f"{HV}/{H} 1x{args.tokens} {name:9s} {ms:.4f} ms  NaN (masked rows) dq dk dg dbeta: {nans}{diff}",
+            print(f"{HV}/{H} 1x{args.tokens} {name:9s} NaN (masked rows) dq dk dg dbeta: {nans}{diff}", flush=True)
+            kerns.append((name, kern, out))
+        # Interleaved rounds: a clock or thermal drift shows as a spread between them, not as a difference.
+        times = {name: [] for name, _, _ in kerns}
+        for _ in range(args.rounds):
+            for name, kern, out in kerns:
+                times[name].append(triton.testing.do_bench(lambda: kern(*x, *out), warmup=20, rep=100,
+                                                           return_mode="median"))
+        for name, ts in times.items():
+            print(f"{HV}/{H} 1x{args.tokens} {name:9s} {min(ts):.4f} ms (rounds: {' '.join(f'{t:.4f}' for t in ts)})",
                   flush=True)
 
 
@@ -119,6 +138,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cmd", choices=("build", "time", "profile"))
     ap.add_argument("--baseline", default=None, help="another version of backward_grads.py to compare with")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="another backward_grads.py to time against the checkout's (repeatable)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--heads", default="32/16,8/2", help="v-heads/qk-heads, comma-separated")
     ap.add_argument("--tokens", type=int, default=32768)
     args = ap.parse_args()
