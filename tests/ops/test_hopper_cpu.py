@@ -334,8 +334,9 @@ def test_kernel_set():
     assert all(name in hchunk._FACTORIES for name, _, _ in items)
     assert items[5][2]["gate_chunks"] == IntraCPConfig().warmup_chunks == 4
     assert hchunk.kernel_set(2, 8, 128, 128, gate_chunks=0)[5][2]["gate_chunks"] == 0
-    assert len(hchunk.kernel_set(2, 8, 128, 128, backward=False)) == 8 and len(items) == 15
-    assert len(hchunk.kernel_set(2, 8, 128, 64)) == 8                 # no backward for V = 64 (BACKWARD_V)
+    assert len(hchunk.kernel_set(2, 8, 128, 128, backward=False)) == 9 and len(items) == 16
+    assert len(hchunk.kernel_set(2, 8, 128, 64)) == 9                 # no backward for V = 64 (BACKWARD_V)
+    assert ("compose", (8, 128, 256), dict(has_initial=True, BVc=hchunk.COMPOSE_BVC)) in items   # the fold
     assert hchunk.kernel_set(32, 32, 128, 128)[0][2] == dict(l2norm=True, HP=2, share_qk=False, min_blocks=2)
     bsum = [kw for name, _, kw in items if name == "backward_dh" and kw.get("summary")]
     assert bsum == [dict(summary=True, gate_chunks=4, BV=128)]
@@ -427,8 +428,8 @@ def test_piece_summary_launchers(monkeypatch):
     monkeypatch.setattr(pieces, "backward_dh", lambda q, k, do, Ai, P, F, segs, *, n_final, summary, gate_chunks:
                         factors(Ai, P, F) or (None, summary_rows(segs, n_final, summary, gate_chunks), None))
     folded = []
-    monkeypatch.setattr(pieces, "fold_summaries", lambda summ, plan, reverse=False: folded.append(
-        (plan, reverse)) or segments.fold_summaries(summ, plan, reverse))
+    monkeypatch.setattr(pieces, "fold_summaries", lambda summ, plan, reverse=False, backend="torch": folded.append(
+        (plan, reverse, backend)) or segments.fold_summaries(summ, plan, reverse))
     bounds = (0, 507, 1019)                     # two pieces, each ending in a partial chunk
     T = bounds[-1]
     q = k = torch.zeros(1, T, 2, K, dtype=torch.bfloat16)
@@ -449,4 +450,4 @@ def test_piece_summary_launchers(monkeypatch):
             assert seen["launch"] == (plan.NS, True, cfg.gate_chunks)
             assert seen["prepare"] == (HV, K ** -0.5, True, (T, 2, K), (T, HV))
             assert tuple(out.shape) == (2, HV, K, 2 * K)
-            assert bool(folded) == cut and (not cut or folded[0][1] == bwd)
+            assert bool(folded) == cut and (not cut or folded[0][1:] == (bwd, "tilelang"))

@@ -173,3 +173,21 @@ def test_fold_summaries_equals_the_whole_pieces(seg_len):
     fwd_whole, bwd_whole = summaries(bounds)
     assert rel(fold_summaries(fwd_seg, plan), fwd_whole) <= 1e-12
     assert rel(fold_summaries(bwd_seg, plan, reverse=True), bwd_whole) <= 1e-12
+
+
+@pytest.mark.gpu
+def test_fold_summaries_on_the_compose_kernel():
+    """fold_summaries on the compose kernel (one launch, a state K + V columns wide; cross-GPU CP's
+    piece summaries on the Hopper path) against the float64 torch fold: forward and reverse, pieces of
+    one to five segments, random fp32 summaries at K = V = 128."""
+    from qla_megatron.ops.gated_delta_rule.segments import fold_summaries
+    plan = plan_segments((0, 1, 70, 330, 400), 64)
+    HV, K, V = 8, 128, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    summ = torch.randn(plan.NS, HV, K, K + V, device="cuda", generator=gen)
+    summ[..., :K] *= K ** -0.5                        # transitions of norm ~1: products stay bounded
+    for reverse in (False, True):
+        want = fold_summaries(summ.double(), plan, reverse)
+        got = fold_summaries(summ, plan, reverse, backend="tilelang")
+        assert got.dtype == torch.float32 and tuple(got.shape) == (plan.N, HV, K, K + V)
+        assert rel(got.double(), want) <= 1e-5, (reverse, rel(got.double(), want))

@@ -97,26 +97,27 @@ def compose(walk, summ: torch.Tensor, z0: Optional[torch.Tensor] = None, NS: Opt
     return torch.stack([out[r] for r in range(NS if NS is not None else len(out))])
 
 
-def fold_summaries(summ: torch.Tensor, plan: SegmentPlan, reverse: bool = False) -> torch.Tensor:
+def fold_summaries(summ: torch.Tensor, plan: SegmentPlan, reverse: bool = False, *,
+                   backend: str = "torch") -> torch.Tensor:
     """The summary of every sequence of `plan` from its segments' summaries: compose on the widened
     state [M | S] from [I | 0], Z <- A_j Z + [0 | B_j] over each sequence's segments.
 
     summ [NS, HV, K, K + V], rows in segment order: [M | S_ext] (forward; folded first to last:
     [M_n ... M_1 | the end state from zero]), or with reverse [M^T | dS_ext] (backward; folded last to
-    first: [(M_n ... M_1)^T | the start adjoint from a zero end adjoint]). Returns [N, HV, K, K + V]."""
+    first: [(M_n ... M_1)^T | the start adjoint from a zero end adjoint]). Returns [N, HV, K, K + V].
+    backend: compose's ("tilelang": one launch of the compose kernel, its state K + V columns wide)."""
     NS, HV, K, W = summ.shape
+    N = plan.N
     wide = torch.cat([summ[..., :K], summ.new_zeros(NS, HV, K, K), summ[..., K:]], dim=-1)     # [A | 0 | B]
-    chains = [plan.segments_of(n)[::-1] if reverse else plan.segments_of(n) for n in range(plan.N)]
+    chains = [plan.segments_of(n)[::-1] if reverse else plan.segments_of(n) for n in range(N)]
     MJ = max(len(c) for c in chains)
-    rows, nxt = [], plan.N       # row n: sequence n's summary; the intermediate states after it
-    for n, c in enumerate(chains):
-        rows.append(tuple(range(nxt, nxt + len(c))) + (n,) + (0,) * (MJ - len(c)))
-        nxt += len(c)
+    # Row n: sequence n's fold, after its last step; the states before it all go to one scratch row, N.
+    rows = tuple((N,) * len(c) + (n,) + (0,) * (MJ - len(c)) for n, c in enumerate(chains))
     walk = Walk(tuple(len(c) for c in chains), (0,) * len(chains),
-                tuple(tuple(c) + (0,) * (MJ - len(c)) for c in chains), tuple(rows))
+                tuple(tuple(c) + (0,) * (MJ - len(c)) for c in chains), rows)
     eye = torch.cat([torch.eye(K, dtype=summ.dtype, device=summ.device).expand(HV, K, K),
                      summ.new_zeros(HV, K, W - K)], dim=-1)
-    return compose(walk, wide, eye[None], plan.N)
+    return compose(walk, wide, eye[None].contiguous(), N + 1, backend=backend)[:N]
 
 
 def compose_segments(state_from_zero, transition, start=None):

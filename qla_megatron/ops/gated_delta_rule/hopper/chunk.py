@@ -274,7 +274,7 @@ def kernel_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, gate_chunks: Opti
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory name, args, kwargs)]. Sequence
     length and batch are symbolic, so this set serves every length. Order: prepare, the four main
     passes (h0 / final state with and without), the summary, the composition without and with an
-    initial value; with backward (and V in BACKWARD_V), then the states pass with and without h0, the
+    initial value, the fold of summaries (the composition K + V columns wide); with backward (and V in BACKWARD_V), then the states pass with and without h0, the
     backward summary, the adjoint walk with a terminal adjoint (with and without fp32 segment starts)
     and without, the gradients. Summaries are gate-driven with warm-ups of gate_chunks chunks (None:
     the default IntraCPConfig's; 0: exact)."""
@@ -287,6 +287,8 @@ def kernel_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, gate_chunks: Opti
               for hi, sf in ((False, True), (True, True), (True, False), (False, False))]
     items += [("forward", task, dict(summary=True, store_final=True, BV=bv_main(V), gate_chunks=gc))]
     items += [("compose", (HV, K, V), dict(has_initial=hi, BVc=COMPOSE_BVC)) for hi in (False, True)]
+    # The fold of a piece's segment summaries (cross-GPU CP, segments.fold_summaries): a state K + V wide.
+    items += [("compose", (HV, K, K + V), dict(has_initial=True, BVc=COMPOSE_BVC))]
     if backward and V in BACKWARD_V:
         items += [("forward", task, dict(main, has_initial=hi, store_final=False, save_states=True,
                                          emit_o=False)) for hi in (True, False)]

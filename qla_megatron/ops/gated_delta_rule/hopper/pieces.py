@@ -8,8 +8,9 @@ stream of pieces planned, prepared once, summarised, run from the composed start
     piece_summaries    [M | S_ext] of every piece: the summary pass (chunk.summarize's) over all
                        segments, gate-driven as the config says (a segment whose decay over its last
                        warm-up chunks is below e^-10 reports M = 0 and what those chunks alone give),
-                       each piece's segments folded (segments.fold_summaries; a gated segment's M = 0
-                       cuts what lies before it, as the composition would)
+                       each piece's segments folded (segments.fold_summaries, one launch of the
+                       compose kernel; a gated segment's M = 0 cuts what lies before it, as the
+                       composition would)
     run_local          the rest of the forward from the pieces' start states (chunk.forward_main:
                        intra-card CP inside each piece), keeping ForwardSaved for the backward
     piece_backward_summaries
@@ -74,7 +75,7 @@ def piece_summaries(local: Local) -> torch.Tensor:
     qf, kf, vf = p.flat[:3]
     summ = forward(qf, kf, vf, p.Ai, p.P, p.F, local.segs, n_final=plan.NS, summary=True,
                    gate_chunks=p.config.gate_chunks)[1]
-    return summ if plan.NS == plan.N else fold_summaries(summ, plan)
+    return summ if plan.NS == plan.N else fold_summaries(summ, plan, backend="tilelang")
 
 
 def run_local(local: Local, h0: torch.Tensor, keep: bool):
@@ -94,7 +95,7 @@ def piece_backward_summaries(local: Local, saved: ForwardSaved, do: torch.Tensor
     plan = local.plan
     summ = backward_dh(qf, kf, dof, saved.Ai, saved.P, saved.F, local.segs, n_final=plan.NS, summary=True,
                        gate_chunks=saved.config.gate_chunks)[1]
-    return summ if plan.NS == plan.N else fold_summaries(summ, plan, reverse=True)
+    return summ if plan.NS == plan.N else fold_summaries(summ, plan, reverse=True, backend="tilelang")
 
 
 def backward_local(local: Local, saved: ForwardSaved, do: torch.Tensor, dht: torch.Tensor):
