@@ -21,7 +21,7 @@ source "$(dirname "$0")/verify_steps.sh"   # step SECONDS NAME command...
 step 150 precompile python benchmarks/hopper_smoke.py --precompile-only || exit $status
 step 40 smoke python -m pytest -m gpu tests/ops/test_hopper_backward.py -x -q -s -k "test_heads and H2-HV8 and B2-T200" \
     || exit $status
-step 260 backward_tests python -m pytest -m gpu tests/ops/test_hopper_backward.py -q -s -p no:cacheprovider
+step 260 backward_tests python -m pytest -m gpu tests/ops/test_hopper_backward.py -q -s --durations=15 -p no:cacheprovider
 step 50 forward_tests python -m pytest -m gpu tests/ops/test_hopper_forward.py -q -p no:cacheprovider
 step 70 breakdown python benchmarks/hopper_smoke.py --breakdown
 exit $status
