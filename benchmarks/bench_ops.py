@@ -69,6 +69,14 @@ def make(B, T, H, HV, cu=None):
     return q, k, v, g, beta
 
 
+def parse_shape(shape):
+    """'BxT' or 'varlen' -> (B, T, cu_seqlens on the GPU or None)."""
+    if shape == "varlen":
+        return 1, sum(VARLEN), torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
+    B, T = map(int, shape.split("x"))
+    return B, T, None
+
+
 def floor_ms(tokens, H, HV, bw, rate, backward=False):
     """(floor, bytes part, FLOPs part) in ms, forward or forward+backward."""
     bytes_ = tokens * (2 * H * K * 2 + 2 * HV * V * 2 + HV * (4 + 2))
@@ -168,13 +176,8 @@ def warm_one(cfg, lengths):
     fns, _ = runners(["fla"])
     HV, H = map(int, cfg.split("/"))
     for shape in lengths.split(","):
-        cu = None
-        if shape == "varlen":
-            B, T = 1, sum(VARLEN)
-            cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
-        else:
-            B, T = map(int, shape.split("x"))
-        leaves = [t.requires_grad_(True) if t.is_floating_point() else t for t in make(B, T, H, HV)]
+        B, T, cu = parse_shape(shape)
+        leaves = [t.requires_grad_(True) for t in make(B, T, H, HV)]
         o, s = fns["fla"](*leaves, cu)
         torch.autograd.grad((o, s), leaves, (torch.randn_like(o), torch.randn_like(s)))
     torch.cuda.synchronize()
@@ -214,12 +217,7 @@ def main():
     for cfg in args.configs.split(","):
         HV, H = map(int, cfg.split("/"))
         for shape in args.lengths.split(","):
-            cu = None
-            if shape == "varlen":
-                B, T = 1, sum(VARLEN)
-                cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
-            else:
-                B, T = map(int, shape.split("x"))
+            B, T, cu = parse_shape(shape)
             inputs = make(B, T, H, HV)
             N = B if cu is None else cu.numel() - 1
             do = torch.randn(B, T, HV, V, device="cuda", dtype=torch.bfloat16)
