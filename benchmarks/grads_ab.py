@@ -14,7 +14,7 @@ suite is worth a call.
     source .gpu/env.sh && PROFILE=1 ncu --clock-control none --profile-from-start off --launch-count 1 \\
         -k regex:kernel_kernel --section SourceCounters -o grads python benchmarks/grads_ab.py profile
 
-`build` compiles into build/grads_ab_cache and packs the kernels it built into
+`build` compiles into build/grads_ab_cache and packs every kernel that cache holds into
 .gpu_cache/tilelang-grads-ab.tar.xz (xz: ~0.3 MB a kernel instead of ~1 MB raw), which
 `warm_cache.py unpack` installs on the host with the other carried kernels, so the device spends no
 time compiling. Inputs are random (S, dS, Ai, P too): the timing is the
@@ -68,9 +68,13 @@ def build(args):
             t = time.time()
             keys.append(fac(H, HV, K, K, "bfloat16", l2norm=True)._tilelang_cache_key)
             print(f"{HV}/{H} {name}: {time.time() - t:.0f} s", flush=True)
+    # Every kernel this cache holds (earlier builds' candidates too), so that a build for one more
+    # variant does not drop the others from the archive.
+    ns = tilelang_namespace()
+    keys += [d for d in os.listdir(os.path.join(CACHE, ns)) if os.path.isfile(os.path.join(CACHE, ns, d, "manifest.json"))]
     os.makedirs(os.path.dirname(ARCHIVE), exist_ok=True)
     import tilelang
-    size = pack_tilelang(CACHE, tilelang_namespace(), keys, ARCHIVE,
+    size = pack_tilelang(CACHE, ns, keys, ARCHIVE,
                          {"tilelang": tilelang.__version__, "target": TARGET, "built": time.strftime("%Y-%m-%d %H:%M"),
                           "grads_ab": {"heads": args.heads, "baseline": args.baseline, "variants": args.variant}})
     print(f"{ARCHIVE}: {len(set(keys))} kernels, {size / 1e6:.2f} MB", flush=True)
