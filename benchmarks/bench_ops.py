@@ -69,10 +69,10 @@ def make(B, T, H, HV, cu=None):
     return q, k, v, g, beta
 
 
-def parse_shape(shape):
-    """'BxT' or 'varlen' -> (B, T, cu_seqlens on the GPU or None)."""
+def parse_shape(shape, device="cuda"):
+    """'BxT' or 'varlen' -> (B, T, cu_seqlens int64 on `device`, or None)."""
     if shape == "varlen":
-        return 1, sum(VARLEN), torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device="cuda")
+        return 1, sum(VARLEN), torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist(), device=device)
     B, T = map(int, shape.split("x"))
     return B, T, None
 
@@ -145,7 +145,7 @@ def warm_fla(configs, lengths):
     """Compile FLA's kernels for every config in parallel processes (one each) before measuring, into
     Triton's on-disk cache, where the measuring process then finds them. One fwd+bwd per config at
     each kind of length: a fixed-length batch (its T only matters modulo 16) and, if asked for, the
-    packed mix. Returns the seconds it took."""
+    packed mix."""
     import subprocess
     kinds = sorted({"varlen" if s == "varlen" else "1x8192" for s in lengths.split(",")})
     t0 = time.time()
@@ -154,7 +154,6 @@ def warm_fla(configs, lengths):
     bad = [cfg for cfg, p in zip(configs.split(","), procs) if p.wait() != 0]
     print(f"FLA kernels for {configs} ({','.join(kinds)}) compiled in parallel: {time.time() - t0:.0f} s"
           + (f"; failed for {bad}" if bad else ""), flush=True)
-    return time.time() - t0
 
 
 def warm_one(cfg, lengths):

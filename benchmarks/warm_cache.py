@@ -408,19 +408,14 @@ def flashqla_items(configs, lengths, sms=H200_SMS, site=None):
     with the inputs requiring grad (bf16 q, k, v, beta; fp32 g; int64 cu_seqlens for varlen; final
     state out; l2norm in kernel)."""
     import torch
-    from benchmarks.bench_ops import VARLEN, K, V
+    from benchmarks.bench_ops import K, V, parse_shape
     patch_for_flashqla_import(site, sms)
     from flash_qla.ops import chunk_gated_delta_rule as fq
     calls, items = [], []
     for c in configs:
         HV, H = _hv_h(c)
         for shape in lengths:
-            cu = None
-            if shape == "varlen":
-                B, T = 1, sum(VARLEN)
-                cu = torch.tensor([0] + torch.tensor(VARLEN).cumsum(0).tolist())
-            else:
-                B, T = map(int, shape.split("x"))
+            B, T, cu = parse_shape(shape, "cpu")
             N = B if cu is None else cu.numel() - 1
             n0 = len(calls)
             with _record_launches(calls):

@@ -274,10 +274,10 @@ def kernel_set(H, HV, K, V, dtype=torch.bfloat16, l2norm=True, gate_chunks: Opti
     """The kernels one (H, HV, K, V, dtype, l2norm) can need: [(factory name, args, kwargs)]. Sequence
     length and batch are symbolic, so this set serves every length. Order: prepare, the four main
     passes (h0 / final state with and without), the summary, the composition without and with an
-    initial value, the fold of summaries (the composition K + V columns wide); with backward (and V in BACKWARD_V), then the states pass with and without h0, the
-    backward summary, the adjoint walk with a terminal adjoint (with and without fp32 segment starts)
-    and without, the gradients. Summaries are gate-driven with warm-ups of gate_chunks chunks (None:
-    the default IntraCPConfig's; 0: exact)."""
+    initial value, the fold of summaries (the composition K + V columns wide); with backward (and V in
+    BACKWARD_V), then the states pass with and without h0, the backward summary, the adjoint walk with
+    a terminal adjoint (with and without fp32 segment starts) and without, the gradients. Summaries
+    are gate-driven with warm-ups of gate_chunks chunks (None: the default IntraCPConfig's; 0: exact)."""
     d = _DTYPES[dtype]
     gc = _gate_chunks(gate_chunks)
     task = (H, HV, K, V, d)
